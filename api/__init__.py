@@ -1,0 +1,1 @@
+"""The HTTP face of govbroker: JSON API under /api/v1, health and metrics endpoints."""

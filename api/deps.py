@@ -1,0 +1,64 @@
+"""Dependencies: the request's unit of work and the calling principal."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, Query, Request
+from sqlmodel import Session
+
+from broker.core.authz import Principal
+from broker.core.errors import Unauthenticated
+from broker.core.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from broker.tenancy import auth
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class SessionSource(Protocol):
+    def session(self, *, write: bool = True) -> Session: ...
+
+    def unit_of_work(self, *, write: bool = True) -> Any: ...
+
+
+def database(request: Request) -> SessionSource:
+    return request.app.state.db  # type: ignore[no-any-return]
+
+
+def db_session(request: Request) -> Iterator[Session]:
+    """One unit of work per request. Routers commit after the service call succeeds; anything
+    not committed (an error, a read) is rolled back when the session closes."""
+    session = database(request).session(write=request.method not in SAFE_METHODS)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+def current_principal(request: Request) -> Principal:
+    credential = _bearer(request)
+    if credential is None:
+        raise Unauthenticated("send 'Authorization: Bearer <token>' (log in or use an API token)")
+    db = database(request)
+    with db.unit_of_work(write=False) as session:
+        result = auth.authenticate(session, credential)
+    if result.touch_token is not None:
+        with db.unit_of_work() as session:
+            auth.touch_token(session, result.touch_token)
+    return result.principal
+
+
+SessionDep = Annotated[Session, Depends(db_session)]
+PrincipalDep = Annotated[Principal, Depends(current_principal)]
+Cursor = Annotated[str | None, Query(max_length=512, description="next_cursor of the previous page")]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+DEFAULT_PAGE = DEFAULT_LIMIT

@@ -1,0 +1,181 @@
+"""The `govbroker` command."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from typing import Annotated
+
+import typer
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from broker import __version__, migrations
+from broker.core.authz import Principal, Role
+from broker.core.db import Database
+from broker.core.errors import GovbrokerError
+from broker.core.settings import get_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="govbroker control plane")
+audit_app = typer.Typer(no_args_is_help=True, help="Audit trail")
+app.add_typer(audit_app, name="audit")
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _database() -> Database:
+    settings = get_settings()
+    try:
+        return Database(settings.effective_database_url)
+    except (SQLAlchemyError, ValueError) as exc:
+        raise _fail(f"bad database URL: {exc}") from exc
+
+
+def _migrate(db: Database) -> None:
+    try:
+        migrations.upgrade(db.url)
+    except OperationalError as exc:
+        raise _fail(f"database unreachable ({db.engine.url.render_as_string()}): {exc.orig}") from exc
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema to the newest revision."""
+    db = _database()
+    _migrate(db)
+    typer.echo(f"database at {sorted(migrations.head_revisions())[0]}")
+
+
+@app.command()
+def serve(
+    bind: Annotated[str | None, typer.Option(help="HOST:PORT; default from settings")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64)] = 1,
+) -> None:
+    """Serve the API (the schema must be migrated first)."""
+    settings = get_settings()
+    if bind:
+        os.environ["GOVBROKER_BIND"] = bind
+        get_settings.cache_clear()
+        settings = get_settings()
+    db = _database()
+    try:
+        at_head = migrations.is_at_head(db.engine)
+    except OperationalError as exc:
+        raise _fail(f"database unreachable: {exc.orig}") from exc
+    if not at_head:
+        raise _fail("the database schema is not at the newest revision; run `govbroker migrate`")
+    settings.session_secret()
+    settings.fernet_keys()
+    _run_server(settings.host, settings.port, workers)
+
+
+def _run_server(host: str, port: int, workers: int) -> None:
+    import uvicorn
+
+    # by import string: the CLI sits below the API layer and must not import it
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
+                proxy_headers=False, log_level="info")
+
+
+@app.command("create-admin")
+def create_admin(
+    username: Annotated[str, typer.Option(help="login name")] = "admin",
+    display_name: Annotated[str, typer.Option(help="name shown in the console")] = "云中心管理员",
+    password: Annotated[
+        str | None, typer.Option(help="password; prompted for (or GOVBROKER_ADMIN_PASSWORD)")
+    ] = None,
+    center_code: Annotated[str, typer.Option(help="code of the center, created if missing")] = "center",
+    center_name: Annotated[str, typer.Option(help="Chinese name of the center")] = "电子政务云中心",
+) -> None:
+    """Create the center (if missing) and a center administrator."""
+    from broker.tenancy import service as tenancy
+    from broker.tenancy import users
+    from broker.tenancy.schemas import RoleBindingCreate, UserCreate
+
+    password = password or os.environ.get("GOVBROKER_ADMIN_PASSWORD")
+    if not password:
+        if not sys.stdin.isatty():
+            raise _fail("give --password or GOVBROKER_ADMIN_PASSWORD when not on a terminal")
+        password = getpass.getpass("password: ")
+        if password != getpass.getpass("again: "):
+            raise _fail("the passwords differ")
+    db = _database()
+    actor = Principal.system("create-admin")
+    try:
+        with db.unit_of_work() as session:
+            center = tenancy.get_center(session) or tenancy.create_center(
+                session, actor, code=center_code, name_zh=center_name
+            )
+            user = users.create_user(session, actor, UserCreate(
+                username=username, display_name=display_name, tenant_id=center.id,
+                password=password))
+            users.create_binding(session, actor, RoleBindingCreate(
+                user_id=user.id, role=Role.center_admin.value, tenant_id=center.id))
+    except GovbrokerError as exc:
+        raise _fail(exc.detail) from exc
+    except OperationalError as exc:
+        raise _fail(f"database unreachable or not migrated: {exc.orig}") from exc
+    typer.echo(f"created center administrator {username!r} at {center.code}")
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute the audit hash chain; exit 1 at the first broken link."""
+    from broker.audit.service import verify_chain
+
+    db = _database()
+    try:
+        with db.unit_of_work(write=False) as session:
+            report = verify_chain(session)
+    except OperationalError as exc:
+        raise _fail(f"database unreachable or not migrated: {exc.orig}") from exc
+    if report.ok:
+        typer.echo(f"audit chain intact: {report.checked} events verified")
+        return
+    typer.secho(
+        f"audit chain BROKEN at event {report.broken_at}: {report.reason} "
+        f"({report.checked} events verified before it)",
+        fg=typer.colors.RED, err=True,
+    )
+    raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="serve when seeded")] = True,
+) -> None:
+    """Create and migrate the database, seed a demo estate, and serve it."""
+    from broker import demo as demo_data
+    from broker.tenancy import service as tenancy
+
+    settings = get_settings()
+    db = _database()
+    _migrate(db)
+    with db.unit_of_work() as session:
+        seeded = tenancy.get_center(session) is not None
+        people = [] if seeded else demo_data.seed(session)
+    if seeded:
+        typer.echo("demo data already present; users as before")
+    else:
+        typer.echo(f"{'user':<16} {'role':<14} scope")
+        for p in people:
+            typer.echo(f"{p.username:<16} {p.role:<14} {p.scope}")
+    typer.echo(f"\nevery demo user's password: {demo_data.DEMO_PASSWORD}")
+    typer.echo(f"API: http://{settings.bind}/api/v1   docs: http://{settings.bind}/api/docs")
+    if serve_after:
+        settings.session_secret()
+        settings.fernet_keys()
+        _run_server(settings.host, settings.port, 1)
+
+
+def main() -> None:  # pragma: no cover - console-script shim
+    app()
