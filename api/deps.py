@@ -59,6 +59,8 @@ def current_principal(request: Request) -> Principal:
 
 SessionDep = Annotated[Session, Depends(db_session)]
 PrincipalDep = Annotated[Principal, Depends(current_principal)]
-Cursor = Annotated[str | None, Query(max_length=512, description="next_cursor of the previous page")]
+Cursor = Annotated[
+    str | None, Query(max_length=512, description="next_cursor of the previous page")
+]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 DEFAULT_PAGE = DEFAULT_LIMIT

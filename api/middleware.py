@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -74,7 +73,7 @@ class RequestContextMiddleware:
             context.reset(token)
 
 
-def _route_template(scope: dict[str, Any]) -> str:
+def _route_template(scope: Scope) -> str:
     # the template, never the raw path: ids in paths would explode the label space
     route = scope.get("route")
     path = getattr(route, "path", None)

@@ -107,11 +107,18 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     errors = []
     for err in exc.errors():
         field, where = _field_of(tuple(err.get("loc", ())))
-        errors.append({"field": field, "in": where, "message": err.get("msg", ""),
-                       "code": err.get("type", "invalid")})
+        errors.append(
+            {
+                "field": field,
+                "in": where,
+                "message": err.get("msg", ""),
+                "code": err.get("type", "invalid"),
+            }
+        )
     fields = ", ".join(sorted({e["field"] for e in errors}))
-    return problem(request, 422, "invalid", "Invalid input", f"invalid fields: {fields}",
-                   errors=errors)
+    return problem(
+        request, 422, "invalid", "Invalid input", f"invalid fields: {fields}", errors=errors
+    )
 
 
 def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -129,15 +136,25 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 def _database_down(request: Request, exc: Exception) -> JSONResponse:
     log.error("database unavailable", error=str(exc))
-    return problem(request, 503, "unavailable", "Service unavailable",
-                   "the database cannot be reached; try again shortly",
-                   {"Retry-After": "5"})
+    return problem(
+        request,
+        503,
+        "unavailable",
+        "Service unavailable",
+        "the database cannot be reached; try again shortly",
+        {"Retry-After": "5"},
+    )
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", path=request.url.path)
-    return problem(request, 500, "internal", "Internal error",
-                   "an unexpected error occurred; quote the request id when reporting it")
+    return problem(
+        request,
+        500,
+        "internal",
+        "Internal error",
+        "an unexpected error occurred; quote the request id when reporting it",
+    )
 
 
 def install(app: FastAPI) -> None:

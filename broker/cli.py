@@ -38,7 +38,9 @@ def _migrate(db: Database) -> None:
     try:
         migrations.upgrade(db.url)
     except OperationalError as exc:
-        raise _fail(f"database unreachable ({db.engine.url.render_as_string()}): {exc.orig}") from exc
+        raise _fail(
+            f"database unreachable ({db.engine.url.render_as_string()}): {exc.orig}"
+        ) from exc
 
 
 @app.command()
@@ -82,8 +84,15 @@ def _run_server(host: str, port: int, workers: int) -> None:
     import uvicorn
 
     # by import string: the CLI sits below the API layer and must not import it
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                proxy_headers=False, log_level="info")
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        proxy_headers=False,
+        log_level="info",
+    )
 
 
 @app.command("create-admin")
@@ -93,7 +102,9 @@ def create_admin(
     password: Annotated[
         str | None, typer.Option(help="password; prompted for (or GOVBROKER_ADMIN_PASSWORD)")
     ] = None,
-    center_code: Annotated[str, typer.Option(help="code of the center, created if missing")] = "center",
+    center_code: Annotated[
+        str, typer.Option(help="code of the center, created if missing")
+    ] = "center",
     center_name: Annotated[str, typer.Option(help="Chinese name of the center")] = "电子政务云中心",
 ) -> None:
     """Create the center (if missing) and a center administrator."""
@@ -115,11 +126,23 @@ def create_admin(
             center = tenancy.get_center(session) or tenancy.create_center(
                 session, actor, code=center_code, name_zh=center_name
             )
-            user = users.create_user(session, actor, UserCreate(
-                username=username, display_name=display_name, tenant_id=center.id,
-                password=password))
-            users.create_binding(session, actor, RoleBindingCreate(
-                user_id=user.id, role=Role.center_admin.value, tenant_id=center.id))
+            user = users.create_user(
+                session,
+                actor,
+                UserCreate(
+                    username=username,
+                    display_name=display_name,
+                    tenant_id=center.id,
+                    password=password,
+                ),
+            )
+            users.create_binding(
+                session,
+                actor,
+                RoleBindingCreate(
+                    user_id=user.id, role=Role.center_admin.value, tenant_id=center.id
+                ),
+            )
     except GovbrokerError as exc:
         raise _fail(exc.detail) from exc
     except OperationalError as exc:
@@ -144,14 +167,17 @@ def audit_verify() -> None:
     typer.secho(
         f"audit chain BROKEN at event {report.broken_at}: {report.reason} "
         f"({report.checked} events verified before it)",
-        fg=typer.colors.RED, err=True,
+        fg=typer.colors.RED,
+        err=True,
     )
     raise typer.Exit(1)
 
 
 @app.command()
 def demo(
-    serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="serve when seeded")] = True,
+    serve_after: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="serve when seeded")
+    ] = True,
 ) -> None:
     """Create and migrate the database, seed a demo estate, and serve it."""
     from broker import demo as demo_data

@@ -63,11 +63,18 @@ def list_events(
             raise Invalid.field("tenant_id", f"no tenant {tenant_id}", "not_found") from exc
     after_seq = decode_cursor(cursor, [int])[0] if cursor else None
     flt = audit.AuditFilter(
-        since=since, until=until, actor_id=actor_id, actor_name=actor, tenant_path=tenant_path,
-        action=action, target_type=target_type, target_id=target_id,
+        since=since,
+        until=until,
+        actor_id=actor_id,
+        actor_name=actor,
+        tenant_path=tenant_path,
+        action=action,
+        target_type=target_type,
+        target_id=target_id,
     )
     rows = audit.list_events(session, principal, flt, after_seq=after_seq, limit=limit + 1)
     nxt = encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
     rows = rows[:limit]
-    return Page(data=[AuditEventPublic.model_validate(r) for r in rows], count=len(rows),
-                next_cursor=nxt)
+    return Page(
+        data=[AuditEventPublic.model_validate(r) for r in rows], count=len(rows), next_cursor=nxt
+    )

@@ -26,9 +26,9 @@ def readyz(request: Request, response: Response) -> dict[str, object]:
             current = migrations.current_revisions(session.get_bind())  # type: ignore[arg-type]
         checks["database"] = "ok"
         head = migrations.head_revisions()
-        checks["migrations"] = "ok" if current == head else {
-            "current": sorted(current), "head": sorted(head)
-        }
+        checks["migrations"] = (
+            "ok" if current == head else {"current": sorted(current), "head": sorted(head)}
+        )
     except Exception as exc:  # a probe reports every failure as not-ready, never raises
         checks["database"] = f"unreachable: {type(exc).__name__}"
     ready = checks.get("database") == "ok" and checks.get("migrations") == "ok"
@@ -38,5 +38,6 @@ def readyz(request: Request, response: Response) -> dict[str, object]:
 
 @router.get("/metrics")
 def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry),
-                    media_type=CONTENT_TYPE_LATEST)
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )

@@ -24,11 +24,17 @@ def list_bindings(
     limit: Limit = DEFAULT_PAGE,
 ) -> Page[RoleBindingPublic]:
     rows, nxt = users.list_bindings(
-        session, principal, user_id=user_id, tenant_id=tenant_id, role=role, cursor=cursor,
+        session,
+        principal,
+        user_id=user_id,
+        tenant_id=tenant_id,
+        role=role,
+        cursor=cursor,
         limit=limit,
     )
-    return Page(data=[RoleBindingPublic.model_validate(r) for r in rows], count=len(rows),
-                next_cursor=nxt)
+    return Page(
+        data=[RoleBindingPublic.model_validate(r) for r in rows], count=len(rows), next_cursor=nxt
+    )
 
 
 @router.post("", status_code=201)

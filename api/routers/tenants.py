@@ -25,11 +25,18 @@ def list_tenants(
     limit: Limit = DEFAULT_PAGE,
 ) -> Page[TenantPublic]:
     rows, nxt = service.list_tenants(
-        session, principal, kind=kind, parent_id=parent_id, status=status, q=q,
-        cursor=cursor, limit=limit,
+        session,
+        principal,
+        kind=kind,
+        parent_id=parent_id,
+        status=status,
+        q=q,
+        cursor=cursor,
+        limit=limit,
     )
-    return Page(data=[TenantPublic.model_validate(r) for r in rows], count=len(rows),
-                next_cursor=nxt)
+    return Page(
+        data=[TenantPublic.model_validate(r) for r in rows], count=len(rows), next_cursor=nxt
+    )
 
 
 @router.post("", status_code=201)

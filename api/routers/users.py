@@ -26,8 +26,7 @@ def list_users(
     rows, nxt = users.list_users(
         session, principal, tenant_id=tenant_id, status=status, q=q, cursor=cursor, limit=limit
     )
-    return Page(data=[UserPublic.model_validate(r) for r in rows], count=len(rows),
-                next_cursor=nxt)
+    return Page(data=[UserPublic.model_validate(r) for r in rows], count=len(rows), next_cursor=nxt)
 
 
 @router.post("", status_code=201)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import event, select
+from sqlalchemy import event
 from sqlalchemy.orm import Session as SASession
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from broker.audit.models import GENESIS_HASH, AuditChainHead, AuditEvent
 from broker.core import clock, context

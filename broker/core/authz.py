@@ -132,4 +132,6 @@ class Principal:
 
     @property
     def is_center_admin(self) -> bool:
-        return any(g.role is Role.center_admin and g.tenant_path.count("/") <= 2 for g in self.grants)
+        return any(
+            g.role is Role.center_admin and g.tenant_path.count("/") <= 2 for g in self.grants
+        )

@@ -1,5 +1,7 @@
-"""Encryption of secrets at rest (provider credentials) with Fernet; MultiFernet allows key rotation:
-the first configured key encrypts, every configured key decrypts."""
+"""Encryption of secrets at rest (provider credentials) with Fernet.
+
+MultiFernet allows key rotation: the first configured key encrypts, every configured key decrypts.
+"""
 
 from __future__ import annotations
 

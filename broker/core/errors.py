@@ -48,7 +48,7 @@ class Unauthenticated(GovbrokerError):
 
 
 class NotFound(GovbrokerError):
-    """Missing — or outside the caller's scope: another tenant's objects look absent, never forbidden."""
+    """Missing, or outside the caller's scope: another tenant's objects look absent."""
 
     slug = "not-found"
     title = "Not found"
@@ -85,7 +85,7 @@ class Unavailable(GovbrokerError):
 
 @dataclass(frozen=True)
 class OverLimit:
-    """One shortfall: at `tenant_code` (level `level`) class `resource_class` would exceed its limit."""
+    """One shortfall: `resource_class` at tenant `tenant_code` (a `level`) would pass its limit."""
 
     resource_class: str
     tenant_id: str

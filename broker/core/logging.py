@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
@@ -10,7 +12,9 @@ from broker.core import context
 from broker.core.settings import get_settings
 
 
-def _add_request_id(_logger: object, _name: str, event: dict[str, object]) -> dict[str, object]:
+def _add_request_id(
+    _logger: object, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     event.setdefault("request_id", context.current().request_id)
     return event
 
@@ -35,6 +39,8 @@ def configure_logging() -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(level if isinstance(level, int) else 20),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            level if isinstance(level, int) else 20
+        ),
         cache_logger_on_first_use=False,
     )

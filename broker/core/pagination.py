@@ -17,8 +17,10 @@ MAX_LIMIT = 500
 
 
 def encode_cursor(*values: Any) -> str:
-    plain = [v.isoformat() if isinstance(v, datetime) else str(v) if isinstance(v, UUID) else v
-             for v in values]
+    plain = [
+        v.isoformat() if isinstance(v, datetime) else str(v) if isinstance(v, UUID) else v
+        for v in values
+    ]
     raw = json.dumps(plain, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 

@@ -18,8 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import jwt
-from sqlalchemy import select
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from broker.audit import service as audit
 from broker.core import clock
@@ -30,7 +29,7 @@ from broker.core.settings import Settings, get_settings
 from broker.tenancy.models import ApiToken, RoleBinding, Tenant, TenantStatus, User, UserStatus
 from broker.tenancy.passwords import check_policy, hash_password, verify_password
 
-TOKEN_PREFIX = "gbk_"
+TOKEN_PREFIX = "gbk_"  # noqa: S105 - a marker, not a secret
 SESSION_ISSUER = "govbroker"
 SESSION_AUDIENCE = "govbroker-session"
 _LAST_USED_GRANULARITY = timedelta(minutes=5)
@@ -47,7 +46,7 @@ def load_principal(
     """The user's current grants; bindings on archived tenants grant nothing."""
     stmt = (
         select(RoleBinding.role, RoleBinding.tenant_id, Tenant.path)
-        .join(Tenant, Tenant.id == RoleBinding.tenant_id)
+        .join(Tenant, col(Tenant.id) == col(RoleBinding.tenant_id))
         .where(RoleBinding.user_id == user.id, Tenant.status != TenantStatus.archived.value)
     )
     grants = tuple(Grant(Role(r), tid, path) for r, tid, path in session.execute(stmt).all())
@@ -97,11 +96,25 @@ def login(session: Session, username: str, password: str) -> LoginOutcome:
         if user.failed_logins >= settings.lockout_threshold:
             user.locked_until = now + timedelta(minutes=settings.lockout_minutes)
             user.failed_logins = 0
-            audit.record(session, actor, "user.lock", tenant=home, target_type="user",
-                         target_id=user.id, after={"locked_until": user.locked_until.isoformat()})
+            audit.record(
+                session,
+                actor,
+                "user.lock",
+                tenant=home,
+                target_type="user",
+                target_id=user.id,
+                after={"locked_until": user.locked_until.isoformat()},
+            )
         else:
-            audit.record(session, actor, "auth.login_failed", tenant=home, target_type="user",
-                         target_id=user.id, after={"failed_logins": user.failed_logins})
+            audit.record(
+                session,
+                actor,
+                "auth.login_failed",
+                tenant=home,
+                target_type="user",
+                target_id=user.id,
+                after={"failed_logins": user.failed_logins},
+            )
         session.flush()
         return LoginOutcome(user, Unauthenticated(_BAD_LOGIN))
     if new_hash is not None:
@@ -152,8 +165,15 @@ def change_own_password(session: Session, principal: Principal, current: str, ne
     user.password_changed_at = clock.now()
     user.updated_at = clock.now()
     session.flush()
-    audit.record(session, principal, "user.change_password", tenant=_home(session, user),
-                 target_type="user", target_id=user.id, after={"password": "changed"})
+    audit.record(
+        session,
+        principal,
+        "user.change_password",
+        tenant=_home(session, user),
+        target_type="user",
+        target_id=user.id,
+        after={"password": "changed"},
+    )
     return user
 
 
@@ -186,9 +206,15 @@ def create_token(
     session.add(token)
     session.flush()
     user = session.get(User, principal.user_id)
-    audit.record(session, principal, "token.create", tenant=_home(session, user) if user else None,
-                 target_type="api_token", target_id=token.id,
-                 after={"name": name, "prefix": token.prefix, "expires_at": token.expires_at})
+    audit.record(
+        session,
+        principal,
+        "token.create",
+        tenant=_home(session, user) if user else None,
+        target_type="api_token",
+        target_id=token.id,
+        after={"name": name, "prefix": token.prefix, "expires_at": token.expires_at},
+    )
     return token, raw
 
 
@@ -196,7 +222,7 @@ def list_tokens(session: Session, principal: Principal) -> list[ApiToken]:
     stmt = (
         select(ApiToken)
         .where(ApiToken.user_id == principal.user_id)
-        .order_by(ApiToken.created_at.desc(), ApiToken.id)  # type: ignore[attr-defined]
+        .order_by(col(ApiToken.created_at).desc(), col(ApiToken.id))
     )
     return list(session.execute(stmt).scalars())
 
@@ -209,10 +235,15 @@ def revoke_token(session: Session, principal: Principal, token_id: uuid.UUID) ->
         token.revoked_at = clock.now()
         session.flush()
         user = session.get(User, token.user_id)
-        audit.record(session, principal, "token.revoke",
-                     tenant=_home(session, user) if user else None,
-                     target_type="api_token", target_id=token.id,
-                     after={"name": token.name, "prefix": token.prefix})
+        audit.record(
+            session,
+            principal,
+            "token.revoke",
+            tenant=_home(session, user) if user else None,
+            target_type="api_token",
+            target_id=token.id,
+            after={"name": token.name, "prefix": token.prefix},
+        )
     return token
 
 
@@ -250,9 +281,11 @@ def _active_user(session: Session, user_id: Any) -> User:
 
 
 def _by_api_token(session: Session, raw: str) -> Authenticated:
-    token = session.execute(
-        select(ApiToken).where(ApiToken.token_hash == hash_token(raw))
-    ).scalars().first()
+    token = (
+        session.execute(select(ApiToken).where(ApiToken.token_hash == hash_token(raw)))
+        .scalars()
+        .first()
+    )
     now = clock.now()
     if token is None or token.revoked_at is not None:
         raise Unauthenticated("unknown or revoked API token")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import select
 from sqlalchemy.orm import object_session
+from sqlmodel import col, select
 
 from broker.core.authz import Principal, is_write
 from broker.core.errors import Forbidden, NotFound
@@ -51,7 +51,7 @@ def _inactive_on_path(tenant: Tenant) -> Tenant | None:
         return None
     stmt = (
         select(Tenant)
-        .where(Tenant.id.in_(ids), Tenant.status != TenantStatus.active.value)  # type: ignore[union-attr]
+        .where(col(Tenant.id).in_(ids), Tenant.status != TenantStatus.active.value)
         .order_by(Tenant.path)
     )
     return session.execute(stmt).scalars().first()

@@ -15,7 +15,7 @@ from broker.core.ids import new_id
 
 
 class TenantKind(StrEnum):
-    center = "center"
+    center = "center"  # type: ignore[assignment]  # shadows str.center, harmlessly
     agency = "agency"
     system = "system"
 
@@ -41,7 +41,8 @@ class Tenant(SQLModel, table=True):
         CheckConstraint("kind IN ('center','agency','system')", name="kind"),
         CheckConstraint("status IN ('active','suspended','archived')", name="status"),
         CheckConstraint(
-            "(kind = 'center' AND parent_id IS NULL) OR (kind <> 'center' AND parent_id IS NOT NULL)",
+            "(kind = 'center' AND parent_id IS NULL) "
+            "OR (kind <> 'center' AND parent_id IS NOT NULL)",
             name="root_has_no_parent",
         ),
     )
@@ -76,7 +77,9 @@ class User(SQLModel, table=True):
     display_name: str = Field(sa_column=Column(String(100), nullable=False))
     email: str | None = Field(default=None, sa_column=Column(String(254), nullable=True))
     phone: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
-    status: str = Field(default=UserStatus.active.value, sa_column=Column(String(16), nullable=False))
+    status: str = Field(
+        default=UserStatus.active.value, sa_column=Column(String(16), nullable=False)
+    )
     # the tenant the user belongs to; whoever administers that tenant administers the user
     tenant_id: uuid.UUID = Field(
         sa_column=Column(Uuid(), ForeignKey("tenant.id"), nullable=False, index=True)

@@ -57,7 +57,8 @@ def check_policy(password: str, *, username: str, field: str = "password") -> No
     )
     if classes < s.password_min_classes:
         problems.append(
-            f"must mix at least {s.password_min_classes} of: lower case, upper case, digits, symbols"
+            f"must mix at least {s.password_min_classes} of: "
+            "lower case, upper case, digits, symbols"
         )
     if username and username.lower() in password.lower():
         problems.append("must not contain the username")

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 Code = Annotated[
     str,
-    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", min_length=2, max_length=64),
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", min_length=1, max_length=64),
 ]
 Username = Annotated[
     str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]*$", min_length=3, max_length=64)
@@ -18,9 +18,7 @@ Username = Annotated[
 NameZh = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 NameEn = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 PersonName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
-Email = Annotated[
-    str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=254)
-]
+Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=254)]
 Phone = Annotated[str, StringConstraints(pattern=r"^\+?[0-9][0-9 ()-]{2,31}$", max_length=32)]
 Description = Annotated[str, StringConstraints(max_length=1000)]
 Password = Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -160,7 +158,7 @@ class LoginRequest(Input):
 
 class LoginResponse(BaseModel):
     access_token: str
-    token_type: Literal["bearer"] = "bearer"
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105
     expires_at: datetime
 
 

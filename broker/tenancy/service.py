@@ -11,9 +11,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from broker.audit import service as audit
 from broker.core import clock
@@ -67,9 +67,7 @@ def _load(session: Session, tenant_id: uuid.UUID) -> Tenant:
     return tenant
 
 
-def _load_for(
-    session: Session, principal: Principal, tenant_id: uuid.UUID, action: str
-) -> Tenant:
+def _load_for(session: Session, principal: Principal, tenant_id: uuid.UUID, action: str) -> Tenant:
     tenant = _load(session, tenant_id)
     authorize(principal, action, tenant)
     return tenant
@@ -82,14 +80,25 @@ def create_center(
         raise Conflict("the center already exists; there is exactly one")
     tid = uuid.uuid4()
     center = Tenant(
-        id=tid, kind=TenantKind.center.value, code=code, name_zh=name_zh, name_en=name_en,
+        id=tid,
+        kind=TenantKind.center.value,
+        code=code,
+        name_zh=name_zh,
+        name_en=name_en,
         path=f"/{tid.hex}/",
     )
     _ensure_code_free(session, code)
     session.add(center)
     session.flush()
-    audit.record(session, principal, "tenant.create", tenant=center, target_type="tenant",
-                 target_id=center.id, after=snapshot(center))
+    audit.record(
+        session,
+        principal,
+        "tenant.create",
+        tenant=center,
+        target_type="tenant",
+        target_id=center.id,
+        after=snapshot(center),
+    )
     return center
 
 
@@ -99,7 +108,9 @@ def _ensure_code_free(session: Session, code: str, *, field: str = "code") -> No
         raise Conflict.field(field, f"tenant code {code!r} is already used", "duplicate")
 
 
-def _check_parent(session: Session, principal: Principal, parent_id: uuid.UUID, kind: str) -> Tenant:
+def _check_parent(
+    session: Session, principal: Principal, parent_id: uuid.UUID, kind: str
+) -> Tenant:
     parent = session.get(Tenant, parent_id)
     if parent is None or not principal.sees(parent.path):
         raise Invalid.field("parent_id", f"no tenant {parent_id} to put this under", "not_found")
@@ -126,8 +137,15 @@ def create_tenant(session: Session, principal: Principal, data: TenantCreate) ->
     )
     session.add(tenant)
     _flush_unique(session)
-    audit.record(session, principal, "tenant.create", tenant=tenant, target_type="tenant",
-                 target_id=tenant.id, after=snapshot(tenant))
+    audit.record(
+        session,
+        principal,
+        "tenant.create",
+        tenant=tenant,
+        target_type="tenant",
+        target_id=tenant.id,
+        after=snapshot(tenant),
+    )
     return tenant
 
 
@@ -214,23 +232,32 @@ def update_tenant(
         tenant.updated_at = clock.now()
         session.flush()
     if edited:
-        audit.record(session, principal, "tenant.update", tenant=tenant, target_type="tenant",
-                     target_id=tenant.id, before=edited, after={k: after[k] for k in edited})
+        audit.record(
+            session,
+            principal,
+            "tenant.update",
+            tenant=tenant,
+            target_type="tenant",
+            target_id=tenant.id,
+            before=edited,
+            after={k: after[k] for k in edited},
+        )
     return tenant
 
 
 def _move(session: Session, principal: Principal, tenant: Tenant, parent_id: uuid.UUID) -> None:
     target = session.get(Tenant, parent_id)
     if target is not None and target.path.startswith(tenant.path):
-        raise Invalid.field("parent_id", "a tenant cannot be moved under itself or its descendant",
-                            "cycle")
+        raise Invalid.field(
+            "parent_id", "a tenant cannot be moved under itself or its descendant", "cycle"
+        )
     parent = _check_parent(session, principal, parent_id, tenant.kind)
     authorize(principal, manage_action(tenant.kind), parent)
     old_path, new_path = tenant.path, f"{parent.path}{tenant.id.hex}/"
     session.flush()
     session.execute(
         update(Tenant)
-        .where(Tenant.path.startswith(old_path))  # type: ignore[attr-defined]
+        .where(col(Tenant.path).startswith(old_path))
         .values(path=new_path + func.substr(Tenant.path, len(old_path) + 1))
         .execution_options(synchronize_session=False)
     )
@@ -250,8 +277,16 @@ def _change_status(session: Session, principal: Principal, tenant: Tenant, statu
     before = tenant.status
     tenant.status = status
     verb = {"active": "activate", "suspended": "suspend", "archived": "archive"}[status]
-    audit.record(session, principal, f"tenant.{verb}", tenant=tenant, target_type="tenant",
-                 target_id=tenant.id, before={"status": before}, after={"status": status})
+    audit.record(
+        session,
+        principal,
+        f"tenant.{verb}",
+        tenant=tenant,
+        target_type="tenant",
+        target_id=tenant.id,
+        before={"status": before},
+        after={"status": status},
+    )
 
 
 def owned_resources(session: Session, tenant: Tenant) -> list[str]:
@@ -278,7 +313,9 @@ def delete_tenant(session: Session, principal: Principal, tenant_id: uuid.UUID) 
     authorize(principal, manage_action(tenant.kind), tenant)
     held = owned_resources(session, tenant)
     any_children = session.execute(select(Tenant.id).where(Tenant.parent_id == tenant.id)).first()
-    users = session.execute(select(func.count()).select_from(User).where(User.tenant_id == tenant.id)).scalar_one()
+    users = session.execute(
+        select(func.count()).select_from(User).where(User.tenant_id == tenant.id)
+    ).scalar_one()
     bindings = session.execute(
         select(func.count()).select_from(RoleBinding).where(RoleBinding.tenant_id == tenant.id)
     ).scalar_one()
@@ -290,11 +327,19 @@ def delete_tenant(session: Session, principal: Principal, tenant_id: uuid.UUID) 
         held.append(f"{bindings} role binding(s)")
     if held:
         raise Conflict(
-            f"{tenant.kind} {tenant.code} cannot be deleted while it has: " + "; ".join(held)
+            f"{tenant.kind} {tenant.code} cannot be deleted while it has: "
+            + "; ".join(held)
             + " (archive it instead)",
             extra={"owned": held},
         )
-    audit.record(session, principal, "tenant.delete", tenant=tenant, target_type="tenant",
-                 target_id=tenant.id, before=snapshot(tenant))
+    audit.record(
+        session,
+        principal,
+        "tenant.delete",
+        tenant=tenant,
+        target_type="tenant",
+        target_id=tenant.id,
+        before=snapshot(tenant),
+    )
     session.delete(tenant)
     session.flush()

@@ -11,9 +11,9 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from broker.audit import service as audit
 from broker.core import clock
@@ -53,7 +53,9 @@ def _tenant(session: Session, tenant_id: uuid.UUID) -> Tenant:
     return tenant
 
 
-def _load_user(session: Session, principal: Principal, user_id: uuid.UUID, action: str) -> tuple[User, Tenant]:
+def _load_user(
+    session: Session, principal: Principal, user_id: uuid.UUID, action: str
+) -> tuple[User, Tenant]:
     user = session.get(User, user_id)
     if user is None:
         raise NotFound(f"user {user_id} not found")
@@ -76,9 +78,9 @@ def grantable_at(principal: Principal, path: str) -> set[Role]:
 def _bindings_with_paths(session: Session, user_id: uuid.UUID) -> list[tuple[RoleBinding, Tenant]]:
     stmt = (
         select(RoleBinding, Tenant)
-        .join(Tenant, Tenant.id == RoleBinding.tenant_id)
+        .join(Tenant, col(Tenant.id) == col(RoleBinding.tenant_id))
         .where(RoleBinding.user_id == user_id)
-        .order_by(RoleBinding.created_at, RoleBinding.id)
+        .order_by(col(RoleBinding.created_at), col(RoleBinding.id))
     )
     return [(b, t) for b, t in session.execute(stmt).all()]
 
@@ -113,8 +115,15 @@ def create_user(session: Session, principal: Principal, data: UserCreate) -> Use
         session.flush()
     except IntegrityError as exc:
         raise Conflict.field("username", "username is taken", "duplicate") from exc
-    audit.record(session, principal, "user.create", tenant=home, target_type="user",
-                 target_id=user.id, after=snapshot(user) | {"password_set": data.password is not None})
+    audit.record(
+        session,
+        principal,
+        "user.create",
+        tenant=home,
+        target_type="user",
+        target_id=user.id,
+        after=snapshot(user) | {"password_set": data.password is not None},
+    )
     return user
 
 
@@ -134,7 +143,7 @@ def list_users(
 ) -> tuple[list[User], str | None]:
     stmt = (
         select(User)
-        .join(Tenant, Tenant.id == User.tenant_id)
+        .join(Tenant, col(Tenant.id) == col(User.tenant_id))
         .where(principal.scope_filter("user.read", Tenant.path))
     )
     if tenant_id is not None:
@@ -152,7 +161,9 @@ def list_users(
     return rows[:limit], next_cursor
 
 
-def update_user(session: Session, principal: Principal, user_id: uuid.UUID, data: UserUpdate) -> User:
+def update_user(
+    session: Session, principal: Principal, user_id: uuid.UUID, data: UserUpdate
+) -> User:
     user, home = _load_user(session, principal, user_id, "user.manage")
     _ensure_outranks(session, principal, user)
     changes = data.model_dump(exclude_unset=True)
@@ -176,8 +187,16 @@ def update_user(session: Session, principal: Principal, user_id: uuid.UUID, data
         if disabled:
             revoke_all_tokens(session, user)
         action = "user.disable" if disabled else "user.update"
-        audit.record(session, principal, action, tenant=home, target_type="user", target_id=user.id,
-                     before=diff, after={k: after[k] for k in diff})
+        audit.record(
+            session,
+            principal,
+            action,
+            tenant=home,
+            target_type="user",
+            target_id=user.id,
+            before=diff,
+            after={k: after[k] for k in diff},
+        )
     return user
 
 
@@ -192,8 +211,15 @@ def set_password(session: Session, principal: Principal, user_id: uuid.UUID, pas
     user.locked_until = None
     user.updated_at = clock.now()
     session.flush()
-    audit.record(session, principal, "user.set_password", tenant=home, target_type="user",
-                 target_id=user.id, after={"password": "changed"})
+    audit.record(
+        session,
+        principal,
+        "user.set_password",
+        tenant=home,
+        target_type="user",
+        target_id=user.id,
+        after={"password": "changed"},
+    )
     return user
 
 
@@ -204,8 +230,16 @@ def unlock(session: Session, principal: Principal, user_id: uuid.UUID) -> User:
     user.locked_until = None
     user.updated_at = clock.now()
     session.flush()
-    audit.record(session, principal, "user.unlock", tenant=home, target_type="user",
-                 target_id=user.id, before=before, after={"locked_until": None, "failed_logins": 0})
+    audit.record(
+        session,
+        principal,
+        "user.unlock",
+        tenant=home,
+        target_type="user",
+        target_id=user.id,
+        before=before,
+        after={"locked_until": None, "failed_logins": 0},
+    )
     return user
 
 
@@ -223,7 +257,9 @@ def create_binding(session: Session, principal: Principal, data: RoleBindingCrea
         raise Forbidden(f"you cannot grant {role} at {tenant.code}")
     if tenant.kind not in ROLE_TENANT_KINDS[role]:
         kinds = " or ".join(sorted(ROLE_TENANT_KINDS[role]))
-        raise Invalid.field("role", f"{role} is bound at a {kinds}, not at a {tenant.kind}", "scope")
+        raise Invalid.field(
+            "role", f"{role} is bound at a {kinds}, not at a {tenant.kind}", "scope"
+        )
     if tenant.status == TenantStatus.archived:
         raise Invalid.field("tenant_id", f"{tenant.kind} {tenant.code} is archived", "archived")
     dup = session.execute(
@@ -234,21 +270,30 @@ def create_binding(session: Session, principal: Principal, data: RoleBindingCrea
         )
     ).first()
     if dup is not None:
-        raise Conflict.field("role", f"{user.username} already holds {role} at {tenant.code}",
-                             "duplicate")
+        raise Conflict.field(
+            "role", f"{user.username} already holds {role} at {tenant.code}", "duplicate"
+        )
     binding = RoleBinding(user_id=user.id, role=role.value, tenant_id=tenant.id)
     session.add(binding)
     try:
         session.flush()
     except IntegrityError as exc:
         raise Conflict.field("role", "this binding already exists", "duplicate") from exc
-    audit.record(session, principal, "rolebinding.create", tenant=tenant, target_type="role_binding",
-                 target_id=binding.id,
-                 after={"user": user.username, "role": role.value, "tenant": tenant.code})
+    audit.record(
+        session,
+        principal,
+        "rolebinding.create",
+        tenant=tenant,
+        target_type="role_binding",
+        target_id=binding.id,
+        after={"user": user.username, "role": role.value, "tenant": tenant.code},
+    )
     return binding
 
 
-def _binding_for(session: Session, principal: Principal, binding_id: uuid.UUID, action: str) -> tuple[RoleBinding, Tenant]:
+def _binding_for(
+    session: Session, principal: Principal, binding_id: uuid.UUID, action: str
+) -> tuple[RoleBinding, Tenant]:
     binding = session.get(RoleBinding, binding_id)
     if binding is None:
         raise NotFound(f"role binding {binding_id} not found")
@@ -269,17 +314,29 @@ def delete_binding(session: Session, principal: Principal, binding_id: uuid.UUID
         remaining = session.execute(
             select(func.count())
             .select_from(RoleBinding)
-            .join(User, User.id == RoleBinding.user_id)
-            .where(RoleBinding.role == Role.center_admin.value, User.status == "active",
-                   RoleBinding.id != binding.id)
+            .join(User, col(User.id) == col(RoleBinding.user_id))
+            .where(
+                RoleBinding.role == Role.center_admin.value,
+                User.status == "active",
+                RoleBinding.id != binding.id,
+            )
         ).scalar_one()
         if remaining == 0:
             raise Conflict("this is the last active center_admin binding; grant another first")
     user = session.get(User, binding.user_id)
-    audit.record(session, principal, "rolebinding.delete", tenant=tenant, target_type="role_binding",
-                 target_id=binding.id,
-                 before={"user": user.username if user else str(binding.user_id),
-                         "role": binding.role, "tenant": tenant.code})
+    audit.record(
+        session,
+        principal,
+        "rolebinding.delete",
+        tenant=tenant,
+        target_type="role_binding",
+        target_id=binding.id,
+        before={
+            "user": user.username if user else str(binding.user_id),
+            "role": binding.role,
+            "tenant": tenant.code,
+        },
+    )
     session.delete(binding)
     session.flush()
 
@@ -296,14 +353,14 @@ def list_bindings(
 ) -> tuple[list[RoleBinding], str | None]:
     stmt = (
         select(RoleBinding)
-        .join(Tenant, Tenant.id == RoleBinding.tenant_id)
+        .join(Tenant, col(Tenant.id) == col(RoleBinding.tenant_id))
         .where(principal.scope_filter("rolebinding.read", Tenant.path))
     )
     if principal.user_id is not None:
         # everybody may see their own bindings
         stmt = (
             select(RoleBinding)
-            .join(Tenant, Tenant.id == RoleBinding.tenant_id)
+            .join(Tenant, col(Tenant.id) == col(RoleBinding.tenant_id))
             .where(
                 principal.scope_filter("rolebinding.read", Tenant.path)
                 | (RoleBinding.user_id == principal.user_id)
@@ -321,7 +378,7 @@ def list_bindings(
             (RoleBinding.created_at > after_ts)
             | ((RoleBinding.created_at == after_ts) & (RoleBinding.id > after_id))
         )
-    stmt = stmt.order_by(RoleBinding.created_at, RoleBinding.id).limit(limit + 1)
+    stmt = stmt.order_by(col(RoleBinding.created_at), col(RoleBinding.id)).limit(limit + 1)
     rows = list(session.execute(stmt).scalars())
     nxt = None
     if len(rows) > limit:
@@ -347,9 +404,13 @@ def bindings_view(session: Session, user_id: uuid.UUID) -> list[dict[str, Any]]:
 def revoke_all_tokens(session: Session, user: User) -> int:
     """Used when a user is disabled: their tokens stop working at once and stay revoked."""
     now = clock.now()
-    tokens = session.execute(
-        select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))  # type: ignore[union-attr]
-    ).scalars().all()
+    tokens = (
+        session.execute(
+            select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))  # type: ignore[union-attr]
+        )
+        .scalars()
+        .all()
+    )
     for t in tokens:
         t.revoked_at = now
     return len(tokens)
