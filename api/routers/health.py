@@ -23,7 +23,7 @@ def readyz(request: Request, response: Response) -> dict[str, object]:
     try:
         with database(request).unit_of_work(write=False) as session:
             session.execute(text("SELECT 1"))
-            current = migrations.current_revisions(session.get_bind())  # type: ignore[arg-type]
+            current = migrations.current_revisions(session.connection())
         checks["database"] = "ok"
         head = migrations.head_revisions()
         checks["migrations"] = (

@@ -8,7 +8,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, MetaData
+from sqlalchemy import Connection, Engine, MetaData
 
 HERE = Path(__file__).parent
 
@@ -37,8 +37,10 @@ def head_revisions() -> set[str]:
     return set(ScriptDirectory.from_config(config("sqlite://")).get_heads())
 
 
-def current_revisions(engine: Engine) -> set[str]:
-    with engine.connect() as conn:
+def current_revisions(bind: Engine | Connection) -> set[str]:
+    if isinstance(bind, Connection):
+        return set(MigrationContext.configure(bind).get_current_heads())
+    with bind.connect() as conn:
         return set(MigrationContext.configure(conn).get_current_heads())
 
 

@@ -1,0 +1,108 @@
+"""The govbroker command: clear messages and exit codes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import func, select, text
+from typer.testing import CliRunner
+
+from broker import migrations
+from broker.cli import app
+from broker.core.db import Database
+from broker.core.settings import get_settings
+from broker.tenancy.models import RoleBinding, User
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def use_database(monkeypatch) -> Iterator:  # type: ignore[type-arg]
+    def point_at(url: str) -> None:
+        monkeypatch.setenv("GOVBROKER_DATABASE_URL", url)
+        get_settings.cache_clear()
+
+    yield point_at
+    get_settings.cache_clear()
+
+
+def test_migrate_brings_a_new_database_to_head(tmp_path, use_database):
+    url = f"sqlite:///{tmp_path}/new.db"
+    use_database(url)
+    result = runner.invoke(app, ["migrate"])
+    assert result.exit_code == 0, result.output
+    assert migrations.is_at_head(Database(url).engine)
+
+
+def test_create_admin_creates_center_user_and_binding(committed_db, use_database):
+    use_database(committed_db.url)
+    result = runner.invoke(app, ["create-admin", "--username", "root1", "--password", "Str0ng-Passw0rd!"])
+    assert result.exit_code == 0, result.output
+    with committed_db.unit_of_work(write=False) as s:
+        user = s.execute(select(User).where(User.username == "root1")).scalar_one()
+        roles = s.execute(select(RoleBinding.role).where(RoleBinding.user_id == user.id)).scalars()
+        assert list(roles) == ["center_admin"]
+    again = runner.invoke(app, ["create-admin", "--username", "root1", "--password", "Str0ng-Passw0rd!"])
+    assert again.exit_code == 2
+    assert "taken" in again.output
+
+
+def test_create_admin_refuses_a_weak_password(tmp_path, use_database):
+    use_database(f"sqlite:///{tmp_path}/w.db")
+    assert runner.invoke(app, ["migrate"]).exit_code == 0
+    result = runner.invoke(app, ["create-admin", "--password", "short"])
+    assert result.exit_code == 2
+    assert "at least 12 characters" in result.output
+
+
+def test_audit_verify_passes_then_names_the_tampered_event(committed_db, use_database):
+    use_database(committed_db.url)
+    assert runner.invoke(app, ["create-admin", "--password", "Str0ng-Passw0rd!"]).exit_code == 0
+    ok = runner.invoke(app, ["audit", "verify"])
+    assert ok.exit_code == 0
+    assert "intact: 3 events" in ok.output
+    with committed_db.unit_of_work() as s:
+        s.execute(text("UPDATE audit_event SET action = 'tenant.nothing' WHERE seq = 2"))
+    broken = runner.invoke(app, ["audit", "verify"])
+    assert broken.exit_code == 1
+    assert "BROKEN at event 2" in broken.output
+
+
+def test_unreachable_database_is_a_clear_error(use_database):
+    use_database("postgresql://nobody@127.0.0.1:1/none")
+    result = runner.invoke(app, ["migrate"])
+    assert result.exit_code == 2
+    assert "database unreachable" in result.output
+
+
+def test_serve_refuses_an_unmigrated_database(tmp_path, use_database):
+    use_database(f"sqlite:///{tmp_path}/empty.db")
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 2
+    assert "govbroker migrate" in result.output
+
+
+def test_bad_arguments_exit_non_zero():
+    assert runner.invoke(app, ["serve", "--workers", "0"]).exit_code == 2
+    assert runner.invoke(app, ["no-such-command"]).exit_code == 2
+
+
+def test_demo_seeds_once_and_reports_users(tmp_path, use_database):
+    url = f"sqlite:///{tmp_path}/demo.db"
+    use_database(url)
+    first = runner.invoke(app, ["demo", "--no-serve"])
+    assert first.exit_code == 0, first.output
+    assert "市公安局" in first.output
+    assert "Demo@2026-gov" in first.output
+    with Database(url).unit_of_work(write=False) as s:
+        users = s.execute(select(func.count()).select_from(User)).scalar_one()
+    lines = first.output.splitlines()
+    table = lines[lines.index(next(ln for ln in lines if ln.startswith("user "))) + 1 :]
+    roles_seen = {ln.split()[1] for ln in table[: table.index("")]}
+    assert {"center_admin", "agency_admin", "member", "finance", "auditor"} <= roles_seen
+    second = runner.invoke(app, ["demo", "--no-serve"])
+    assert second.exit_code == 0
+    assert "already present" in second.output
+    with Database(url).unit_of_work(write=False) as s:
+        assert s.execute(select(func.count()).select_from(User)).scalar_one() == users
