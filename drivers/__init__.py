@@ -1,0 +1,1 @@
+"""Hypervisor adapters (OpenStack, VMware, libvirt, simulator). They import nothing of govbroker."""
