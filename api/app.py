@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from api import problems
 from api.deps import SessionSource
 from api.middleware import Metrics, RequestContextMiddleware
-from api.routers import audit, health, identity, role_bindings, tenants, users
+from api.routers import audit, health, identity, quotas, role_bindings, tenants, users
 from broker import __version__
 from broker.core.db import get_database
 from broker.core.logging import configure_logging
@@ -26,7 +26,7 @@ def create_app(db: SessionSource | None = None) -> FastAPI:
     app.state.db = db if db is not None else get_database()
     app.state.metrics = Metrics()
     problems.install(app)
-    for module in (health, identity, tenants, users, role_bindings, audit):
+    for module in (health, identity, tenants, users, role_bindings, quotas, audit):
         app.include_router(module.router)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     return app

@@ -89,6 +89,7 @@ def _domain_error(request: Request, exc: Exception) -> JSONResponse:
                 "usage": o.usage,
                 "requested": o.requested,
                 "shortfall": o.shortfall,
+                "reason": o.reason,
             }
             for o in exc.over
         ]

@@ -9,4 +9,9 @@ os.environ.setdefault("GOVBROKER_SECRET_KEY", "test-secret-key-not-for-productio
 os.environ.setdefault("GOVBROKER_FERNET_KEY", "q5O6T2m1o6Yl0mR5XnLx8Yd7dM2s6B0k3QeW9vZr1aQ=")
 os.environ.setdefault("GOVBROKER_LOG_LEVEL", "WARNING")
 
-pytest_plugins = ["tests.fixtures.db", "tests.fixtures.auth", "tests.fixtures.clock"]
+pytest_plugins = [
+    "tests.fixtures.db",
+    "tests.fixtures.auth",
+    "tests.fixtures.clock",
+    "tests.fixtures.quota",
+]

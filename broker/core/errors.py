@@ -94,10 +94,24 @@ class OverLimit:
     limit: int
     usage: int
     requested: int
+    # limit: would exceed it; expired / not_yet_valid: outside the validity window;
+    # no_quota: nothing was ever assigned at this level
+    reason: str = "limit"
 
     @property
     def shortfall(self) -> int:
         return self.usage + self.requested - self.limit
+
+
+def describe(o: OverLimit) -> str:
+    where = f"{o.resource_class} at {o.level} {o.tenant_code}"
+    if o.reason == "expired":
+        return f"{where}: the quota has expired"
+    if o.reason == "not_yet_valid":
+        return f"{where}: the quota is not valid yet"
+    if o.reason == "no_quota":
+        return f"{where}: no quota assigned"
+    return f"{where}: limit {o.limit}, in use {o.usage}, requested {o.requested}"
 
 
 class QuotaExceeded(GovbrokerError):
@@ -108,9 +122,5 @@ class QuotaExceeded(GovbrokerError):
 
     def __init__(self, over: list[OverLimit]) -> None:
         self.over = over
-        parts = [
-            f"{o.resource_class} at {o.level} {o.tenant_code}: limit {o.limit}, "
-            f"in use {o.usage}, requested {o.requested}"
-            for o in over
-        ]
+        parts = [describe(o) for o in over]
         super().__init__("; ".join(parts) or "quota exceeded")

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     argon2_time_cost: int = Field(default=3, ge=1)
     argon2_memory_kib: int = Field(default=65536, ge=8)
 
+    # quota ledger
+    reservation_ttl_seconds: int = Field(default=900, ge=10, le=7 * 24 * 3600)
+    reservation_max_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    quota_attachment_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+
     log_json: bool = False
     log_level: str = "INFO"
 

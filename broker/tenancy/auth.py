@@ -14,7 +14,7 @@ import functools
 import hashlib
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
@@ -146,7 +146,11 @@ def issue_session_token(user: User, settings: Settings | None = None) -> tuple[s
 
 
 def _password_epoch(user: User) -> int:
-    return int(user.password_changed_at.timestamp()) if user.password_changed_at else 0
+    """Microseconds, so that a change within the same second as a login still ends it."""
+    if user.password_changed_at is None:
+        return 0
+    delta = user.password_changed_at - datetime(1970, 1, 1, tzinfo=UTC)
+    return delta // timedelta(microseconds=1)
 
 
 def change_own_password(session: Session, principal: Principal, current: str, new: str) -> User:

@@ -26,7 +26,9 @@ from broker.tenancy.schemas import TenantCreate, TenantUpdate
 
 PARENT_KIND = {TenantKind.agency: TenantKind.center, TenantKind.system: TenantKind.agency}
 
-OwnershipCheck = Callable[[Session, Tenant], list[str]]
+# (session, tenant, purpose) -> what the tenant still holds, in words; purpose is "archive" or
+# "delete" (deleting also needs the tenant's history gone, archiving only its live resources)
+OwnershipCheck = Callable[[Session, Tenant, str], list[str]]
 _ownership_checks: list[OwnershipCheck] = []
 
 
@@ -268,7 +270,7 @@ def _move(session: Session, principal: Principal, tenant: Tenant, parent_id: uui
 
 def _change_status(session: Session, principal: Principal, tenant: Tenant, status: str) -> None:
     if status == TenantStatus.archived:
-        held = owned_resources(session, tenant)
+        held = owned_resources(session, tenant, "archive")
         if held:
             raise Conflict(
                 f"{tenant.kind} {tenant.code} still owns resources: " + "; ".join(held),
@@ -289,7 +291,7 @@ def _change_status(session: Session, principal: Principal, tenant: Tenant, statu
     )
 
 
-def owned_resources(session: Session, tenant: Tenant) -> list[str]:
+def owned_resources(session: Session, tenant: Tenant, purpose: str) -> list[str]:
     """What keeps a tenant from being archived or deleted, in words."""
     held: list[str] = []
     children = session.execute(
@@ -300,7 +302,7 @@ def owned_resources(session: Session, tenant: Tenant) -> list[str]:
     if children:
         held.append(f"{children} tenant(s) not archived")
     for check in _ownership_checks:
-        held.extend(check(session, tenant))
+        held.extend(check(session, tenant, purpose))
     return held
 
 
@@ -311,7 +313,7 @@ def delete_tenant(session: Session, principal: Principal, tenant_id: uuid.UUID) 
         authorize(principal, "tenant.manage", tenant)
         raise Conflict("the center cannot be deleted")
     authorize(principal, manage_action(tenant.kind), tenant)
-    held = owned_resources(session, tenant)
+    held = owned_resources(session, tenant, "delete")
     any_children = session.execute(select(Tenant.id).where(Tenant.parent_id == tenant.id)).first()
     users = session.execute(
         select(func.count()).select_from(User).where(User.tenant_id == tenant.id)

@@ -1,0 +1,556 @@
+"""The quota ledger: reserve, commit, release — never more than any limit allows.
+
+Every operation runs inside the caller's transaction and starts by locking the quota rows it will
+read or change, always in the same order (depth, then resource class): PostgreSQL takes
+`SELECT … FOR UPDATE` row locks; SQLite's writing sessions already hold the database's write lock
+from `BEGIN IMMEDIATE`. Under those locks the subtree counters (`quota.committed`,
+`quota.reserved`) are exact, less the reservations that have expired but not been swept yet,
+which are subtracted so that an expired reservation is never counted.
+
+Which rows are locked: the tenant's own row and its agency's row. The center's row is not locked
+on the hot path: every agency must hold an explicit limit to reserve at all, and the sum of the
+agencies' limits never exceeds the center's (enforced, under the center row's lock, by every
+limit change), so the center's usage cannot pass its limit while each agency stays within its
+own. Reservations for different agencies therefore never wait for one another.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import Session, col, select
+
+from broker.core import clock
+from broker.core.errors import Conflict, FieldError, Invalid, NotFound, OverLimit, QuotaExceeded
+from broker.core.settings import get_settings
+from broker.tenancy.models import Tenant, TenantKind, TenantStatus
+from quotas.models import Allocation, Quota, Reservation, ResourceClass
+
+DEPTH = {TenantKind.center.value: 0, TenantKind.agency.value: 1, TenantKind.system.value: 2}
+RESERVED, COMMITTED, RELEASED = "reserved", "committed", "released"
+
+
+# --- pure arithmetic ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LimitState:
+    """One (tenant, class) as a reservation sees it, under lock."""
+
+    tenant_id: str
+    tenant_code: str
+    level: str
+    resource_class: str
+    limit: int | None  # None: no limit of its own at this level
+    usage: int  # committed + unexpired reserved, whole subtree
+    window: str = "valid"  # valid | expired | not_yet_valid | no_quota
+
+
+def compute_shortfalls(states: Iterable[LimitState], deltas: Mapping[str, int]) -> list[OverLimit]:
+    """Every level and class where the positive deltas do not fit; shrinks always fit."""
+    over: list[OverLimit] = []
+    for s in states:
+        delta = deltas.get(s.resource_class, 0)
+        if delta <= 0:
+            continue
+        if s.window != "valid":
+            over.append(
+                OverLimit(
+                    s.resource_class,
+                    s.tenant_id,
+                    s.tenant_code,
+                    s.level,
+                    s.limit or 0,
+                    s.usage,
+                    delta,
+                    s.window,
+                )
+            )
+        elif s.limit is not None and s.usage + delta > s.limit:
+            over.append(
+                OverLimit(
+                    s.resource_class, s.tenant_id, s.tenant_code, s.level, s.limit, s.usage, delta
+                )
+            )
+    return over
+
+
+def window_state(q: Quota | None, now: datetime, *, required: bool) -> str:
+    if q is None or q.hard_limit is None:
+        return "no_quota" if required else "valid"
+    if q.valid_from > now:
+        return "not_yet_valid"
+    if q.valid_until is not None and q.valid_until <= now:
+        return "expired"
+    return "valid"
+
+
+def counter_changes(amount: int, transition: str) -> tuple[int, int]:
+    """(Δcommitted, Δreserved) of one allocation's state transition.
+
+    A negative (shrink) allocation holds nothing while reserved: capacity is freed only once the
+    shrink is committed.
+    """
+    held = max(amount, 0)
+    return {
+        "reserve": (0, held),
+        "commit": (amount, -held),
+        "release_reserved": (0, -held),
+        "release_committed": (-amount, 0),
+    }[transition]
+
+
+# --- loading and locking -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Path:
+    """The levels a reservation touches: the agency, and the system when it is one."""
+
+    tenant: Tenant
+    agency: Tenant
+    levels: tuple[Tenant, ...]
+
+
+def _path(session: Session, tenant_id: uuid.UUID) -> Path:
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound(f"tenant {tenant_id} not found")
+    if tenant.kind == TenantKind.center:
+        raise Invalid.field(
+            "tenant_id", "quota is consumed by agencies and systems, not the center"
+        )
+    if tenant.kind == TenantKind.system:
+        assert tenant.parent_id is not None
+        agency = session.get(Tenant, tenant.parent_id)
+        assert agency is not None
+        return Path(tenant, agency, (agency, tenant))
+    return Path(tenant, tenant, (tenant,))
+
+
+def resource_classes(session: Session) -> dict[str, ResourceClass]:
+    rows = session.execute(select(ResourceClass).order_by(col(ResourceClass.sort_order)))
+    return {rc.code: rc for rc in rows.scalars()}
+
+
+def validate_deltas(
+    session: Session, deltas: Mapping[str, int], *, field: str = "deltas"
+) -> dict[str, int]:
+    """Known classes, integer amounts within the class's bounds; zero entries dropped."""
+    known = resource_classes(session)
+    errors: list[FieldError] = []
+    clean: dict[str, int] = {}
+    for code, amount in deltas.items():
+        where = f"{field}.{code}"
+        if code not in known:
+            errors.append(FieldError(where, f"unknown resource class {code!r}", "unknown_class"))
+        elif isinstance(amount, bool) or not isinstance(amount, int):
+            errors.append(FieldError(where, "must be an integer", "int_type"))
+        elif abs(amount) > known[code].max_amount:
+            errors.append(
+                FieldError(where, f"must be within ±{known[code].max_amount}", "out_of_range")
+            )
+        elif amount != 0:
+            clean[code] = amount
+    if errors:
+        raise Invalid("; ".join(f"{e.field}: {e.message}" for e in errors), errors)
+    if not clean:
+        raise Invalid.field(field, "ask for at least one non-zero amount", "empty")
+    return clean
+
+
+def _insert_ignore(session: Session, rows: list[dict[str, object]]) -> None:
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = (
+        insert(Quota)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["tenant_id", "resource_class"])
+    )
+    session.execute(stmt)
+
+
+def lock_rows(
+    session: Session, path: Path, classes: Iterable[str], *, create_tenant_rows: bool
+) -> dict[tuple[uuid.UUID, str], Quota]:
+    """Lock the quota rows of the path's levels for `classes`, in (depth, class) order.
+
+    The agency's rows come first, so a system row created here is created under its agency's lock.
+    """
+    classes = sorted(set(classes))
+    ids = [t.id for t in path.levels]
+
+    def fetch(tenant_ids: list[uuid.UUID]) -> dict[tuple[uuid.UUID, str], Quota]:
+        stmt = (
+            select(Quota)
+            .where(col(Quota.tenant_id).in_(tenant_ids), col(Quota.resource_class).in_(classes))
+            .order_by(col(Quota.depth), col(Quota.resource_class))
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        return {(q.tenant_id, q.resource_class): q for q in session.execute(stmt).scalars()}
+
+    rows = fetch(ids)
+    if create_tenant_rows and path.tenant.kind == TenantKind.system:
+        missing = [c for c in classes if (path.tenant.id, c) not in rows]
+        if missing:
+            _insert_ignore(
+                session,
+                [
+                    {
+                        "id": uuid.uuid4(),
+                        "tenant_id": path.tenant.id,
+                        "resource_class": c,
+                        "depth": DEPTH[path.tenant.kind],
+                        "hard_limit": None,
+                        "valid_from": clock.now(),
+                        "committed": 0,
+                        "reserved": 0,
+                        "created_at": clock.now(),
+                        "updated_at": clock.now(),
+                    }
+                    for c in missing
+                ],
+            )
+            rows.update(fetch([path.tenant.id]))
+    return rows
+
+
+def expired_reserved(
+    session: Session, agency_id: uuid.UUID, classes: Iterable[str], now: datetime
+) -> dict[tuple[uuid.UUID, str], int]:
+    """Amounts still counted in `reserved` although their reservation has expired, per tenant."""
+    stmt = (
+        select(Allocation.tenant_id, Allocation.resource_class, func.sum(Allocation.amount))
+        .where(
+            Allocation.agency_id == agency_id,
+            Allocation.state == RESERVED,
+            col(Allocation.resource_class).in_(sorted(set(classes))),
+            col(Allocation.expires_at) <= now,
+            col(Allocation.amount) > 0,
+        )
+        .group_by(col(Allocation.tenant_id), col(Allocation.resource_class))
+    )
+    return {(t, c): int(s) for t, c, s in session.execute(stmt).all()}
+
+
+def limit_states(
+    path: Path,
+    rows: Mapping[tuple[uuid.UUID, str], Quota],
+    expired: Mapping[tuple[uuid.UUID, str], int],
+    classes: Iterable[str],
+    now: datetime,
+) -> list[LimitState]:
+    """What each level looks like to a reservation (pure, given the locked rows)."""
+    states: list[LimitState] = []
+    for rc in sorted(set(classes)):
+        for level in path.levels:
+            q = rows.get((level.id, rc))
+            if level.kind == TenantKind.system:
+                lapsed = expired.get((level.id, rc), 0)
+            else:
+                lapsed = sum(v for (_, c), v in expired.items() if c == rc)
+            usage = (q.committed + q.reserved - lapsed) if q is not None else 0
+            states.append(
+                LimitState(
+                    tenant_id=str(level.id),
+                    tenant_code=level.code,
+                    level=level.kind,
+                    resource_class=rc,
+                    limit=q.hard_limit if q is not None else None,
+                    usage=usage,
+                    window=window_state(q, now, required=level.kind == TenantKind.agency),
+                )
+            )
+    return states
+
+
+def _apply(
+    rows: Mapping[tuple[uuid.UUID, str], Quota], path: Path, allocation: Allocation, transition: str
+) -> None:
+    d_committed, d_reserved = counter_changes(allocation.amount, transition)
+    now = clock.now()
+    for level in path.levels:
+        q = rows[(level.id, allocation.resource_class)]
+        q.committed += d_committed
+        q.reserved += d_reserved
+        if q.committed < 0 or q.reserved < 0:
+            raise Conflict(
+                f"{allocation.resource_class} at {level.code} would drop below zero: "
+                "more is being released than was committed"
+            )
+        q.updated_at = now
+
+
+# --- operations --------------------------------------------------------------------------------
+
+
+def check(session: Session, tenant_id: uuid.UUID, deltas: Mapping[str, int]) -> list[OverLimit]:
+    """What-if: where and by how much `deltas` would not fit now; reserves and locks nothing."""
+    path = _path(session, tenant_id)
+    clean = validate_deltas(session, deltas)
+    now = clock.now()
+    stmt = select(Quota).where(
+        col(Quota.tenant_id).in_([t.id for t in path.levels]),
+        col(Quota.resource_class).in_(sorted(clean)),
+    )
+    rows = {(q.tenant_id, q.resource_class): q for q in session.execute(stmt).scalars()}
+    expired = expired_reserved(session, path.agency.id, clean, now)
+    return compute_shortfalls(limit_states(path, rows, expired, clean, now), clean)
+
+
+def enforce(session: Session, tenant_id: uuid.UUID, deltas: Mapping[str, int]) -> None:
+    """Raise QuotaExceeded naming every shortfall, under the same locks a reservation takes."""
+    path = _path(session, tenant_id)
+    clean = validate_deltas(session, deltas)
+    now = clock.now()
+    rows = lock_rows(session, path, clean, create_tenant_rows=False)
+    expired = expired_reserved(session, path.agency.id, clean, now)
+    over = compute_shortfalls(limit_states(path, rows, expired, clean, now), clean)
+    if over:
+        raise QuotaExceeded(over)
+
+
+def reserve(
+    session: Session,
+    tenant_id: uuid.UUID,
+    deltas: Mapping[str, int],
+    *,
+    ref: str,
+    actor: str,
+    ttl: timedelta | None = None,
+    owner_ref: str | None = None,
+) -> Reservation:
+    """Hold `deltas` for `tenant_id` until committed, released or expired; idempotent on `ref`."""
+    settings = get_settings()
+    if not ref or len(ref) > 128:
+        raise Invalid.field("ref", "must be 1 to 128 characters")
+    ttl = ttl if ttl is not None else timedelta(seconds=settings.reservation_ttl_seconds)
+    if not timedelta(seconds=1) <= ttl <= timedelta(seconds=settings.reservation_max_ttl_seconds):
+        raise Invalid.field(
+            "ttl", f"must be between 1 and {settings.reservation_max_ttl_seconds} seconds"
+        )
+    clean = validate_deltas(session, deltas)
+    path = _path(session, tenant_id)
+    if path.tenant.status == TenantStatus.archived or path.agency.status == TenantStatus.archived:
+        raise Conflict(f"{path.tenant.kind} {path.tenant.code} is archived")
+    rows = lock_rows(session, path, clean, create_tenant_rows=True)
+
+    existing = session.execute(select(Reservation).where(Reservation.ref == ref)).scalars().first()
+    if existing is not None:
+        if existing.tenant_id != tenant_id or amounts(session, existing.id) != clean:
+            raise Conflict.field("ref", f"reservation {ref!r} exists with other amounts", "reused")
+        return existing
+
+    now = clock.now()
+    expired = expired_reserved(session, path.agency.id, clean, now)
+    over = compute_shortfalls(limit_states(path, rows, expired, clean, now), clean)
+    if over:
+        raise QuotaExceeded(over)
+    own = {c: rows.get((tenant_id, c)) for c in clean}
+    for code, amount in clean.items():
+        q = own[code]
+        if amount < 0 and (q is None or q.committed + amount < 0):
+            raise Invalid.field(
+                f"deltas.{code}",
+                f"cannot shrink by {-amount}: only {q.committed if q else 0} is committed here",
+                "below_zero",
+            )
+    reservation = Reservation(
+        ref=ref,
+        tenant_id=tenant_id,
+        agency_id=path.agency.id,
+        owner_ref=owner_ref,
+        expires_at=now + ttl,
+        created_at=now,
+        created_by=actor,
+    )
+    session.add(reservation)
+    session.flush()  # no ORM relationship orders the inserts: the parent row goes first
+    for code, amount in sorted(clean.items()):
+        allocation = Allocation(
+            reservation_id=reservation.id,
+            tenant_id=tenant_id,
+            agency_id=path.agency.id,
+            resource_class=code,
+            amount=amount,
+            owner_ref=owner_ref,
+            expires_at=reservation.expires_at,
+            created_at=now,
+        )
+        session.add(allocation)
+        _apply(rows, path, allocation, "reserve")
+    session.flush()
+    return reservation
+
+
+def amounts(session: Session, reservation_id: uuid.UUID) -> dict[str, int]:
+    stmt = select(Allocation.resource_class, Allocation.amount).where(
+        Allocation.reservation_id == reservation_id
+    )
+    return {c: int(a) for c, a in session.execute(stmt).all()}
+
+
+def _find(session: Session, reservation: uuid.UUID | str) -> Reservation:
+    if isinstance(reservation, uuid.UUID):
+        found = session.get(Reservation, reservation)
+    else:
+        found = (
+            session.execute(select(Reservation).where(Reservation.ref == reservation))
+            .scalars()
+            .first()
+        )
+    if found is None:
+        raise NotFound(f"reservation {reservation} not found")
+    return found
+
+
+def _lock_reservation(
+    session: Session, reservation: uuid.UUID | str
+) -> tuple[Reservation, Path, dict[tuple[uuid.UUID, str], Quota], list[Allocation]]:
+    """Quota rows first, then the reservation and its allocations, freshly read under the locks."""
+    found = _find(session, reservation)
+    path = _path(session, found.tenant_id)
+    allocations = list(
+        session.execute(
+            select(Allocation)
+            .where(Allocation.reservation_id == found.id)
+            .order_by(col(Allocation.resource_class))
+        ).scalars()
+    )
+    rows = lock_rows(
+        session, path, {a.resource_class for a in allocations}, create_tenant_rows=False
+    )
+    locked = session.execute(
+        select(Reservation)
+        .where(Reservation.id == found.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+    fresh = list(
+        session.execute(
+            select(Allocation)
+            .where(Allocation.reservation_id == found.id)
+            .order_by(col(Allocation.resource_class))
+            .execution_options(populate_existing=True)
+        ).scalars()
+    )
+    return locked, path, rows, fresh
+
+
+def commit(
+    session: Session, reservation: uuid.UUID | str, *, owner_ref: str | None = None
+) -> Reservation:
+    """reserved → committed; committing twice is a no-op; an expired or released one is refused."""
+    res, path, rows, allocations = _lock_reservation(session, reservation)
+    if res.state == COMMITTED:
+        return res
+    if res.state == RELEASED:
+        raise Conflict(f"reservation {res.ref} was released and cannot be committed")
+    now = clock.now()
+    if res.expires_at <= now:
+        raise Conflict(f"reservation {res.ref} expired at {res.expires_at.isoformat()}")
+    for a in allocations:
+        _apply(rows, path, a, "commit")
+        a.state, a.committed_at = COMMITTED, now
+        if owner_ref is not None:
+            a.owner_ref = owner_ref
+    res.state, res.settled_at = COMMITTED, now
+    if owner_ref is not None:
+        res.owner_ref = owner_ref
+    session.flush()
+    return res
+
+
+def release(session: Session, reservation: uuid.UUID | str) -> Reservation:
+    """Give back everything a reservation still holds, reserved or committed; idempotent."""
+    res, path, rows, allocations = _lock_reservation(session, reservation)
+    now = clock.now()
+    for a in allocations:
+        if a.state == RESERVED:
+            _apply(rows, path, a, "release_reserved")
+        elif a.state == COMMITTED:
+            _apply(rows, path, a, "release_committed")
+        else:
+            continue
+        a.state, a.released_at = RELEASED, now
+    if res.state != RELEASED:
+        res.state, res.settled_at = RELEASED, res.settled_at or now
+    session.flush()
+    return res
+
+
+def release_owner(session: Session, owner_ref: str) -> int:
+    """Release every committed allocation held for `owner_ref` (a deleted server); returns count."""
+    first = (
+        session.execute(
+            select(Allocation).where(
+                Allocation.owner_ref == owner_ref, Allocation.state == COMMITTED
+            )
+        )
+        .scalars()
+        .all()
+    )
+    by_tenant: dict[uuid.UUID, set[str]] = defaultdict(set)
+    for a in first:
+        by_tenant[a.tenant_id].add(a.resource_class)
+    released = 0
+    now = clock.now()
+    for tenant_id, classes in sorted(by_tenant.items(), key=lambda kv: str(kv[0])):
+        path = _path(session, tenant_id)
+        rows = lock_rows(session, path, classes, create_tenant_rows=False)
+        fresh = (
+            session.execute(
+                select(Allocation)
+                .where(
+                    Allocation.owner_ref == owner_ref,
+                    Allocation.state == COMMITTED,
+                    Allocation.tenant_id == tenant_id,
+                )
+                .execution_options(populate_existing=True)
+            )
+            .scalars()
+            .all()
+        )
+        # shrinks first: giving one back raises committed, so the counters never dip below zero
+        for a in sorted(fresh, key=lambda a: a.amount):
+            _apply(rows, path, a, "release_committed")
+            a.state, a.released_at = RELEASED, now
+            released += 1
+    session.flush()
+    return released
+
+
+def sweep_expired(session: Session, *, batch: int = 200) -> int:
+    """Release reservations past their expiry; returns how many. Safe to run concurrently."""
+    now = clock.now()
+    due = (
+        session.execute(
+            select(Reservation.id)
+            .where(Reservation.state == RESERVED, col(Reservation.expires_at) <= now)
+            .order_by(col(Reservation.expires_at))
+            .limit(batch)
+        )
+        .scalars()
+        .all()
+    )
+    swept = 0
+    for rid in due:
+        res, path, rows, allocations = _lock_reservation(session, rid)
+        if res.state != RESERVED or res.expires_at > now:
+            continue
+        for a in allocations:
+            if a.state == RESERVED:
+                _apply(rows, path, a, "release_reserved")
+                a.state, a.released_at = RELEASED, now
+        res.state, res.settled_at = RELEASED, now
+        swept += 1
+    session.flush()
+    return swept
