@@ -16,15 +16,18 @@ own. Reservations for different agencies therefore never wait for one another.
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
-from sqlalchemy import func
+from sqlalchemy import bindparam, func, insert, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from broker.core import clock
@@ -82,7 +85,13 @@ def compute_shortfalls(states: Iterable[LimitState], deltas: Mapping[str, int]) 
     return over
 
 
-def window_state(q: Quota | None, now: datetime, *, required: bool) -> str:
+class Windowed(Protocol):
+    hard_limit: int | None
+    valid_from: datetime
+    valid_until: datetime | None
+
+
+def window_state(q: Windowed | None, now: datetime, *, required: bool) -> str:
     if q is None or q.hard_limit is None:
         return "no_quota" if required else "valid"
     if q.valid_from > now:
@@ -120,24 +129,38 @@ class Path:
 
 
 def _path(session: Session, tenant_id: uuid.UUID) -> Path:
-    tenant = session.get(Tenant, tenant_id)
-    if tenant is None:
+    parent = aliased(Tenant)
+    found = session.execute(
+        select(Tenant, parent)
+        .outerjoin(parent, col(parent.id) == col(Tenant.parent_id))
+        .where(Tenant.id == tenant_id)
+    ).first()
+    if found is None:
         raise NotFound(f"tenant {tenant_id} not found")
+    tenant, up = found
     if tenant.kind == TenantKind.center:
         raise Invalid.field(
             "tenant_id", "quota is consumed by agencies and systems, not the center"
         )
     if tenant.kind == TenantKind.system:
-        assert tenant.parent_id is not None
-        agency = session.get(Tenant, tenant.parent_id)
-        assert agency is not None
-        return Path(tenant, agency, (agency, tenant))
+        return Path(tenant, up, (up, tenant))
     return Path(tenant, tenant, (tenant,))
 
 
+_CLASS_CACHE_SECONDS = 30.0
+_class_cache: dict[str, tuple[float, dict[str, ResourceClass]]] = {}
+
+
 def resource_classes(session: Session) -> dict[str, ResourceClass]:
+    """The configured classes; cached for a few seconds per database, being read on every call."""
+    key = str(session.get_bind().engine.url)
+    hit = _class_cache.get(key)
+    if hit is not None and time.monotonic() - hit[0] < _CLASS_CACHE_SECONDS:
+        return hit[1]
     rows = session.execute(select(ResourceClass).order_by(col(ResourceClass.sort_order)))
-    return {rc.code: rc for rc in rows.scalars()}
+    classes = {rc.code: ResourceClass(**rc.model_dump()) for rc in rows.scalars()}
+    _class_cache[key] = (time.monotonic(), classes)
+    return classes
 
 
 def validate_deltas(
@@ -166,11 +189,33 @@ def validate_deltas(
     return clean
 
 
+@dataclass
+class QuotaRow:
+    """A locked quota row, read with Core (the hot path keeps ORM bookkeeping out)."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    resource_class: str
+    hard_limit: int | None
+    valid_from: datetime
+    valid_until: datetime | None
+    committed: int
+    reserved: int
+
+
+_QUOTA = Quota.__table__  # type: ignore[attr-defined]
+_ALLOCATION = Allocation.__table__  # type: ignore[attr-defined]
+_RESERVATION = Reservation.__table__  # type: ignore[attr-defined]
+_ROW_COLUMNS = [_QUOTA.c[name] for name in QuotaRow.__dataclass_fields__]
+
+Rows = dict[tuple[uuid.UUID, str], QuotaRow]
+
+
 def _insert_ignore(session: Session, rows: list[dict[str, object]]) -> None:
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
     stmt = (
-        insert(Quota)
+        insert(_QUOTA)
         .values(rows)
         .on_conflict_do_nothing(index_elements=["tenant_id", "resource_class"])
     )
@@ -179,28 +224,29 @@ def _insert_ignore(session: Session, rows: list[dict[str, object]]) -> None:
 
 def lock_rows(
     session: Session, path: Path, classes: Iterable[str], *, create_tenant_rows: bool
-) -> dict[tuple[uuid.UUID, str], Quota]:
+) -> Rows:
     """Lock the quota rows of the path's levels for `classes`, in (depth, class) order.
 
     The agency's rows come first, so a system row created here is created under its agency's lock.
     """
     classes = sorted(set(classes))
-    ids = [t.id for t in path.levels]
 
-    def fetch(tenant_ids: list[uuid.UUID]) -> dict[tuple[uuid.UUID, str], Quota]:
+    def fetch(tenant_ids: list[uuid.UUID]) -> Rows:
         stmt = (
-            select(Quota)
-            .where(col(Quota.tenant_id).in_(tenant_ids), col(Quota.resource_class).in_(classes))
-            .order_by(col(Quota.depth), col(Quota.resource_class))
+            sa_select(*_ROW_COLUMNS)
+            .where(_QUOTA.c.tenant_id.in_(tenant_ids), _QUOTA.c.resource_class.in_(classes))
+            .order_by(_QUOTA.c.depth, _QUOTA.c.resource_class)
             .with_for_update()
-            .execution_options(populate_existing=True)
         )
-        return {(q.tenant_id, q.resource_class): q for q in session.execute(stmt).scalars()}
+        return {
+            (r.tenant_id, r.resource_class): QuotaRow(**r._mapping) for r in session.execute(stmt)
+        }
 
-    rows = fetch(ids)
+    rows = fetch([t.id for t in path.levels])
     if create_tenant_rows and path.tenant.kind == TenantKind.system:
         missing = [c for c in classes if (path.tenant.id, c) not in rows]
         if missing:
+            now = clock.now()
             _insert_ignore(
                 session,
                 [
@@ -210,11 +256,11 @@ def lock_rows(
                         "resource_class": c,
                         "depth": DEPTH[path.tenant.kind],
                         "hard_limit": None,
-                        "valid_from": clock.now(),
+                        "valid_from": now,
                         "committed": 0,
                         "reserved": 0,
-                        "created_at": clock.now(),
-                        "updated_at": clock.now(),
+                        "created_at": now,
+                        "updated_at": now,
                     }
                     for c in missing
                 ],
@@ -243,7 +289,7 @@ def expired_reserved(
 
 def limit_states(
     path: Path,
-    rows: Mapping[tuple[uuid.UUID, str], Quota],
+    rows: Mapping[tuple[uuid.UUID, str], QuotaRow | Quota],
     expired: Mapping[tuple[uuid.UUID, str], int],
     classes: Iterable[str],
     now: datetime,
@@ -272,21 +318,39 @@ def limit_states(
     return states
 
 
-def _apply(
-    rows: Mapping[tuple[uuid.UUID, str], Quota], path: Path, allocation: Allocation, transition: str
+def _move_counters(
+    session: Session, rows: Rows, path: Path, changes: Iterable[tuple[str, int]], transition: str
 ) -> None:
-    d_committed, d_reserved = counter_changes(allocation.amount, transition)
-    now = clock.now()
+    """Apply allocations' (class, amount) transitions to every level's counters, in one UPDATE."""
+    changes = list(changes)
+    delta: dict[uuid.UUID, list[int]] = {}
     for level in path.levels:
-        q = rows[(level.id, allocation.resource_class)]
-        q.committed += d_committed
-        q.reserved += d_reserved
-        if q.committed < 0 or q.reserved < 0:
-            raise Conflict(
-                f"{allocation.resource_class} at {level.code} would drop below zero: "
-                "more is being released than was committed"
-            )
-        q.updated_at = now
+        for rc, amount in changes:
+            q = rows[(level.id, rc)]
+            d_committed, d_reserved = counter_changes(amount, transition)
+            entry = delta.setdefault(q.id, [0, 0])
+            entry[0] += d_committed
+            entry[1] += d_reserved
+            q.committed += d_committed
+            q.reserved += d_reserved
+            if q.committed < 0 or q.reserved < 0:
+                raise Conflict(
+                    f"{rc} at {level.code} would drop below zero: "
+                    "more is being released than was committed"
+                )
+    if not delta:
+        return
+    now = clock.now()
+    session.execute(
+        update(_QUOTA)
+        .where(_QUOTA.c.id == bindparam("qid"))
+        .values(
+            committed=_QUOTA.c.committed + bindparam("dc"),
+            reserved=_QUOTA.c.reserved + bindparam("dr"),
+            updated_at=now,
+        ),
+        [{"qid": qid, "dc": dc, "dr": dr} for qid, (dc, dr) in delta.items()],
+    )
 
 
 # --- operations --------------------------------------------------------------------------------
@@ -301,19 +365,31 @@ def check(session: Session, tenant_id: uuid.UUID, deltas: Mapping[str, int]) -> 
         col(Quota.tenant_id).in_([t.id for t in path.levels]),
         col(Quota.resource_class).in_(sorted(clean)),
     )
-    rows = {(q.tenant_id, q.resource_class): q for q in session.execute(stmt).scalars()}
+    rows = {
+        (q.tenant_id, q.resource_class): q
+        for q in session.execute(stmt.execution_options(populate_existing=True)).scalars()
+    }
     expired = expired_reserved(session, path.agency.id, clean, now)
     return compute_shortfalls(limit_states(path, rows, expired, clean, now), clean)
+
+
+def _shortfalls_locked(
+    session: Session, path: Path, rows: Rows, clean: Mapping[str, int], now: datetime
+) -> list[OverLimit]:
+    # the counters include expired reservations: if it fits even so, no need to look for them
+    over = compute_shortfalls(limit_states(path, rows, {}, clean, now), clean)
+    if over:
+        expired = expired_reserved(session, path.agency.id, clean, now)
+        over = compute_shortfalls(limit_states(path, rows, expired, clean, now), clean)
+    return over
 
 
 def enforce(session: Session, tenant_id: uuid.UUID, deltas: Mapping[str, int]) -> None:
     """Raise QuotaExceeded naming every shortfall, under the same locks a reservation takes."""
     path = _path(session, tenant_id)
     clean = validate_deltas(session, deltas)
-    now = clock.now()
     rows = lock_rows(session, path, clean, create_tenant_rows=False)
-    expired = expired_reserved(session, path.agency.id, clean, now)
-    over = compute_shortfalls(limit_states(path, rows, expired, clean, now), clean)
+    over = _shortfalls_locked(session, path, rows, clean, clock.now())
     if over:
         raise QuotaExceeded(over)
 
@@ -339,7 +415,7 @@ def reserve(
         )
     clean = validate_deltas(session, deltas)
     path = _path(session, tenant_id)
-    if path.tenant.status == TenantStatus.archived or path.agency.status == TenantStatus.archived:
+    if TenantStatus.archived in (path.tenant.status, path.agency.status):
         raise Conflict(f"{path.tenant.kind} {path.tenant.code} is archived")
     rows = lock_rows(session, path, clean, create_tenant_rows=True)
 
@@ -350,17 +426,15 @@ def reserve(
         return existing
 
     now = clock.now()
-    expired = expired_reserved(session, path.agency.id, clean, now)
-    over = compute_shortfalls(limit_states(path, rows, expired, clean, now), clean)
+    over = _shortfalls_locked(session, path, rows, clean, now)
     if over:
         raise QuotaExceeded(over)
-    own = {c: rows.get((tenant_id, c)) for c in clean}
     for code, amount in clean.items():
-        q = own[code]
-        if amount < 0 and (q is None or q.committed + amount < 0):
+        own = rows.get((tenant_id, code))
+        if amount < 0 and (own is None or own.committed + amount < 0):
             raise Invalid.field(
                 f"deltas.{code}",
-                f"cannot shrink by {-amount}: only {q.committed if q else 0} is committed here",
+                f"cannot shrink by {-amount}: only {own.committed if own else 0} is committed here",
                 "below_zero",
             )
     reservation = Reservation(
@@ -374,20 +448,25 @@ def reserve(
     )
     session.add(reservation)
     session.flush()  # no ORM relationship orders the inserts: the parent row goes first
-    for code, amount in sorted(clean.items()):
-        allocation = Allocation(
-            reservation_id=reservation.id,
-            tenant_id=tenant_id,
-            agency_id=path.agency.id,
-            resource_class=code,
-            amount=amount,
-            owner_ref=owner_ref,
-            expires_at=reservation.expires_at,
-            created_at=now,
-        )
-        session.add(allocation)
-        _apply(rows, path, allocation, "reserve")
-    session.flush()
+    session.execute(
+        insert(_ALLOCATION),
+        [
+            {
+                "id": uuid.uuid4(),
+                "reservation_id": reservation.id,
+                "tenant_id": tenant_id,
+                "agency_id": path.agency.id,
+                "resource_class": code,
+                "amount": amount,
+                "state": RESERVED,
+                "owner_ref": owner_ref,
+                "expires_at": reservation.expires_at,
+                "created_at": now,
+            }
+            for code, amount in sorted(clean.items())
+        ],
+    )
+    _move_counters(session, rows, path, sorted(clean.items()), "reserve")
     return reservation
 
 
@@ -412,44 +491,67 @@ def _find(session: Session, reservation: uuid.UUID | str) -> Reservation:
     return found
 
 
+@dataclass(frozen=True)
+class _Held:
+    id: uuid.UUID
+    resource_class: str
+    amount: int
+    state: str
+
+
 def _lock_reservation(
     session: Session, reservation: uuid.UUID | str
-) -> tuple[Reservation, Path, dict[tuple[uuid.UUID, str], Quota], list[Allocation]]:
+) -> tuple[Reservation, Path, Rows, list[_Held]]:
     """Quota rows first, then the reservation and its allocations, freshly read under the locks."""
     found = _find(session, reservation)
     path = _path(session, found.tenant_id)
-    allocations = list(
+    classes = (
         session.execute(
-            select(Allocation)
-            .where(Allocation.reservation_id == found.id)
-            .order_by(col(Allocation.resource_class))
-        ).scalars()
+            sa_select(_ALLOCATION.c.resource_class).where(_ALLOCATION.c.reservation_id == found.id)
+        )
+        .scalars()
+        .all()
     )
-    rows = lock_rows(
-        session, path, {a.resource_class for a in allocations}, create_tenant_rows=False
-    )
+    rows = lock_rows(session, path, classes, create_tenant_rows=False)
     locked = session.execute(
         select(Reservation)
         .where(Reservation.id == found.id)
         .with_for_update()
         .execution_options(populate_existing=True)
     ).scalar_one()
-    fresh = list(
-        session.execute(
-            select(Allocation)
-            .where(Allocation.reservation_id == found.id)
-            .order_by(col(Allocation.resource_class))
-            .execution_options(populate_existing=True)
-        ).scalars()
-    )
-    return locked, path, rows, fresh
+    held = [
+        _Held(r.id, r.resource_class, r.amount, r.state)
+        for r in session.execute(
+            sa_select(
+                _ALLOCATION.c.id,
+                _ALLOCATION.c.resource_class,
+                _ALLOCATION.c.amount,
+                _ALLOCATION.c.state,
+            )
+            .where(_ALLOCATION.c.reservation_id == found.id)
+            .order_by(_ALLOCATION.c.resource_class)
+        )
+    ]
+    return locked, path, rows, held
+
+
+def _settle(
+    session: Session, ids: list[uuid.UUID], state: str, now: datetime, owner_ref: str | None = None
+) -> None:
+    if not ids:
+        return
+    stamp = {COMMITTED: "committed_at", RELEASED: "released_at"}[state]
+    values: dict[str, object] = {"state": state, stamp: now}
+    if owner_ref is not None:
+        values["owner_ref"] = owner_ref
+    session.execute(update(_ALLOCATION).where(_ALLOCATION.c.id.in_(ids)).values(**values))
 
 
 def commit(
     session: Session, reservation: uuid.UUID | str, *, owner_ref: str | None = None
 ) -> Reservation:
     """reserved → committed; committing twice is a no-op; an expired or released one is refused."""
-    res, path, rows, allocations = _lock_reservation(session, reservation)
+    res, path, rows, held = _lock_reservation(session, reservation)
     if res.state == COMMITTED:
         return res
     if res.state == RELEASED:
@@ -457,11 +559,9 @@ def commit(
     now = clock.now()
     if res.expires_at <= now:
         raise Conflict(f"reservation {res.ref} expired at {res.expires_at.isoformat()}")
-    for a in allocations:
-        _apply(rows, path, a, "commit")
-        a.state, a.committed_at = COMMITTED, now
-        if owner_ref is not None:
-            a.owner_ref = owner_ref
+    pending = [h for h in held if h.state == RESERVED]
+    _move_counters(session, rows, path, [(h.resource_class, h.amount) for h in pending], "commit")
+    _settle(session, [h.id for h in pending], COMMITTED, now, owner_ref)
     res.state, res.settled_at = COMMITTED, now
     if owner_ref is not None:
         res.owner_ref = owner_ref
@@ -471,16 +571,18 @@ def commit(
 
 def release(session: Session, reservation: uuid.UUID | str) -> Reservation:
     """Give back everything a reservation still holds, reserved or committed; idempotent."""
-    res, path, rows, allocations = _lock_reservation(session, reservation)
+    res, path, rows, held = _lock_reservation(session, reservation)
     now = clock.now()
-    for a in allocations:
-        if a.state == RESERVED:
-            _apply(rows, path, a, "release_reserved")
-        elif a.state == COMMITTED:
-            _apply(rows, path, a, "release_committed")
-        else:
-            continue
-        a.state, a.released_at = RELEASED, now
+    reserved = [h for h in held if h.state == RESERVED]
+    # shrinks first: giving one back raises committed, so no counter dips below zero on the way
+    committed = sorted((h for h in held if h.state == COMMITTED), key=lambda h: h.amount)
+    _move_counters(
+        session, rows, path, [(h.resource_class, h.amount) for h in reserved], "release_reserved"
+    )
+    _move_counters(
+        session, rows, path, [(h.resource_class, h.amount) for h in committed], "release_committed"
+    )
+    _settle(session, [h.id for h in reserved + committed], RELEASED, now)
     if res.state != RELEASED:
         res.state, res.settled_at = RELEASED, res.settled_at or now
     session.flush()
@@ -489,42 +591,44 @@ def release(session: Session, reservation: uuid.UUID | str) -> Reservation:
 
 def release_owner(session: Session, owner_ref: str) -> int:
     """Release every committed allocation held for `owner_ref` (a deleted server); returns count."""
-    first = (
+    tenants = (
         session.execute(
-            select(Allocation).where(
-                Allocation.owner_ref == owner_ref, Allocation.state == COMMITTED
-            )
+            sa_select(_ALLOCATION.c.tenant_id)
+            .where(_ALLOCATION.c.owner_ref == owner_ref, _ALLOCATION.c.state == COMMITTED)
+            .distinct()
         )
         .scalars()
         .all()
     )
-    by_tenant: dict[uuid.UUID, set[str]] = defaultdict(set)
-    for a in first:
-        by_tenant[a.tenant_id].add(a.resource_class)
     released = 0
     now = clock.now()
-    for tenant_id, classes in sorted(by_tenant.items(), key=lambda kv: str(kv[0])):
+    for tenant_id in sorted(tenants, key=str):
         path = _path(session, tenant_id)
-        rows = lock_rows(session, path, classes, create_tenant_rows=False)
-        fresh = (
+        classes = (
             session.execute(
-                select(Allocation)
-                .where(
-                    Allocation.owner_ref == owner_ref,
-                    Allocation.state == COMMITTED,
-                    Allocation.tenant_id == tenant_id,
-                )
-                .execution_options(populate_existing=True)
+                sa_select(_ALLOCATION.c.resource_class)
+                .where(_ALLOCATION.c.owner_ref == owner_ref, _ALLOCATION.c.tenant_id == tenant_id)
+                .distinct()
             )
             .scalars()
             .all()
         )
-        # shrinks first: giving one back raises committed, so the counters never dip below zero
-        for a in sorted(fresh, key=lambda a: a.amount):
-            _apply(rows, path, a, "release_committed")
-            a.state, a.released_at = RELEASED, now
-            released += 1
-    session.flush()
+        rows = lock_rows(session, path, classes, create_tenant_rows=False)
+        # read again under the locks: a concurrent release may have taken some already
+        held = session.execute(
+            sa_select(_ALLOCATION.c.id, _ALLOCATION.c.resource_class, _ALLOCATION.c.amount)
+            .where(
+                _ALLOCATION.c.owner_ref == owner_ref,
+                _ALLOCATION.c.state == COMMITTED,
+                _ALLOCATION.c.tenant_id == tenant_id,
+            )
+            .order_by(_ALLOCATION.c.amount)
+        ).all()
+        _move_counters(
+            session, rows, path, [(h.resource_class, h.amount) for h in held], "release_committed"
+        )
+        _settle(session, [h.id for h in held], RELEASED, now)
+        released += len(held)
     return released
 
 
@@ -543,13 +647,14 @@ def sweep_expired(session: Session, *, batch: int = 200) -> int:
     )
     swept = 0
     for rid in due:
-        res, path, rows, allocations = _lock_reservation(session, rid)
+        res, path, rows, held = _lock_reservation(session, rid)
         if res.state != RESERVED or res.expires_at > now:
             continue
-        for a in allocations:
-            if a.state == RESERVED:
-                _apply(rows, path, a, "release_reserved")
-                a.state, a.released_at = RELEASED, now
+        pending = [h for h in held if h.state == RESERVED]
+        _move_counters(
+            session, rows, path, [(h.resource_class, h.amount) for h in pending], "release_reserved"
+        )
+        _settle(session, [h.id for h in pending], RELEASED, now)
         res.state, res.settled_at = RELEASED, now
         swept += 1
     session.flush()

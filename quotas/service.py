@@ -340,7 +340,11 @@ def usage_report(
     ids = [tenant.id, *[c.id for c in children]]
     rows = {
         (q.tenant_id, q.resource_class): q
-        for q in session.execute(select(Quota).where(col(Quota.tenant_id).in_(ids))).scalars()
+        for q in session.execute(
+            select(Quota)
+            .where(col(Quota.tenant_id).in_(ids))
+            .execution_options(populate_existing=True)
+        ).scalars()
     }
     lapsed = _lapsed_by_tenant(session, tenant, now)
     if tenant.kind == TenantKind.center:
@@ -436,7 +440,11 @@ def list_quotas(
         stmt = stmt.where(Quota.tenant_id == tenant_id)
     if resource_class is not None:
         stmt = stmt.where(Quota.resource_class == resource_class)
-    stmt = stmt.order_by(col(Tenant.path), col(Quota.resource_class)).limit(limit)
+    stmt = (
+        stmt.order_by(col(Tenant.path), col(Quota.resource_class))
+        .limit(limit)
+        .execution_options(populate_existing=True)
+    )
     return [(q, t) for q, t in session.execute(stmt).all()]
 
 
@@ -447,9 +455,9 @@ def get_quota(
     authorize(principal, "quota.read", tenant)
     q = (
         session.execute(
-            select(Quota).where(
-                Quota.tenant_id == tenant_id, Quota.resource_class == resource_class
-            )
+            select(Quota)
+            .where(Quota.tenant_id == tenant_id, Quota.resource_class == resource_class)
+            .execution_options(populate_existing=True)
         )
         .scalars()
         .first()
