@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from api import problems
@@ -11,11 +14,27 @@ from api.routers import audit, health, identity, quotas, role_bindings, tenants,
 from broker import __version__
 from broker.core.db import get_database
 from broker.core.logging import configure_logging
+from broker.core.settings import get_settings
+from broker.jobs.scheduler import start_background
 
 
 def create_app(db: SessionSource | None = None) -> FastAPI:
+    """The API. Given no database (as `serve` calls it), it uses the configured one and runs the
+    periodic jobs in-process when GOVBROKER_EMBEDDED_SCHEDULER is on."""
     configure_logging()
+    run_jobs = db is None and get_settings().embedded_scheduler
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler = start_background(app.state.db) if run_jobs else None
+        try:
+            yield
+        finally:
+            if scheduler is not None:
+                scheduler.shutdown(wait=False)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="govbroker",
         version=__version__,
         summary="Control plane for e-government clouds (电子政务云)",
@@ -28,5 +47,6 @@ def create_app(db: SessionSource | None = None) -> FastAPI:
     problems.install(app)
     for module in (health, identity, tenants, users, role_bindings, quotas, audit):
         app.include_router(module.router)
+    app.include_router(quotas.requests_router)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     return app

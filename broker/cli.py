@@ -5,7 +5,8 @@ from __future__ import annotations
 import getpass
 import os
 import sys
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 import typer
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -19,6 +20,10 @@ from broker.core.settings import get_settings
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="govbroker control plane")
 audit_app = typer.Typer(no_args_is_help=True, help="Audit trail")
 app.add_typer(audit_app, name="audit")
+quota_app = typer.Typer(no_args_is_help=True, help="Quota limits and usage")
+app.add_typer(quota_app, name="quota")
+jobs_app = typer.Typer(no_args_is_help=True, help="Periodic jobs")
+app.add_typer(jobs_app, name="jobs")
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -171,6 +176,116 @@ def audit_verify() -> None:
         err=True,
     )
     raise typer.Exit(1)
+
+
+def _tenant_by_code(session: Any, code: str) -> Any:
+    from sqlmodel import select
+
+    from broker.tenancy.models import Tenant
+
+    tenant = session.execute(select(Tenant).where(Tenant.code == code)).scalars().first()
+    if tenant is None:
+        raise _fail(f"no tenant with code {code!r}")
+    return tenant
+
+
+@quota_app.command("show")
+def quota_show(
+    tenant: Annotated[str | None, typer.Argument(help="tenant code; default: the center")] = None,
+) -> None:
+    """Limits and usage of a tenant and of each of its children."""
+    from broker.tenancy import service as tenancy
+    from quotas import service as quotas
+
+    db = _database()
+    try:
+        with db.unit_of_work(write=False) as session:
+            target = _tenant_by_code(session, tenant) if tenant else tenancy.get_center(session)
+            if target is None:
+                raise _fail("there is no center yet; run `govbroker create-admin`")
+            me, lines, children = quotas.usage_report(session, Principal.system("cli"), target.id)
+    except OperationalError as exc:
+        raise _fail(f"database unreachable or not migrated: {exc.orig}") from exc
+    for t, ls in [(me, lines), *children]:
+        typer.echo(f"{t.code} ({t.kind}) {t.name_zh}")
+        for line in ls:
+            if line.limit is None and line.committed == 0 and line.reserved == 0:
+                continue
+            limit = "-" if line.limit is None else str(line.limit)
+            until = line.valid_until.date().isoformat() if line.valid_until else "open"
+            typer.echo(
+                f"  {line.resource_class:<16} limit {limit:>10}  committed {line.committed:>10}"
+                f"  reserved {line.reserved:>8}  {line.status:<13} until {until}"
+            )
+
+
+@quota_app.command("set")
+def quota_set(
+    tenant: Annotated[str, typer.Argument(help="tenant code")],
+    resource_class: Annotated[str, typer.Argument(help="e.g. vcpu, memory_mb, storage_gb.ssd")],
+    limit: Annotated[str, typer.Argument(help="the new limit, or 'none' to unset a system's")],
+    valid_from: Annotated[datetime | None, typer.Option(help="start of the window (UTC)")] = None,
+    valid_until: Annotated[datetime | None, typer.Option(help="end of the window (UTC)")] = None,
+    force: Annotated[bool, typer.Option(help="allow a limit below current usage")] = False,
+) -> None:
+    """Set a tenant's limit for one resource class (as a center administrator)."""
+    from quotas import service as quotas
+
+    if limit.lower() == "none":
+        value = None
+    elif limit.isdigit():
+        value = int(limit)
+    else:
+        raise _fail("LIMIT must be a whole number or 'none'")
+    db = _database()
+    try:
+        with db.unit_of_work() as session:
+            target = _tenant_by_code(session, tenant)
+            q = quotas.set_quota(
+                session,
+                Principal.system("cli"),
+                target.id,
+                resource_class,
+                limit=value,
+                valid_from=_utc(valid_from),
+                valid_until=_utc(valid_until),
+                force=force,
+            )
+            shown = f"{q.hard_limit}" if q.hard_limit is not None else "none"
+    except GovbrokerError as exc:
+        raise _fail(exc.detail) from exc
+    except OperationalError as exc:
+        raise _fail(f"database unreachable or not migrated: {exc.orig}") from exc
+    typer.echo(f"{tenant} {resource_class} limit {shown}")
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+@jobs_app.command("run")
+def jobs_run(name: Annotated[str, typer.Argument(help="job name (see `jobs list`)")]) -> None:
+    """Run one periodic job now."""
+    from broker.jobs.registry import JOBS, run_job
+
+    if name not in JOBS:
+        raise _fail(f"no job {name!r}; known: {', '.join(sorted(JOBS))}")
+    try:
+        done = run_job(_database(), name)
+    except OperationalError as exc:
+        raise _fail(f"database unreachable or not migrated: {exc.orig}") from exc
+    typer.echo(f"{name}: {done} processed")
+
+
+@jobs_app.command("list")
+def jobs_list() -> None:
+    """The periodic jobs and how often they run."""
+    from broker.jobs.registry import JOBS
+
+    for job in JOBS.values():
+        typer.echo(f"{job.name:<24} every {job.every_seconds:>5}s  {job.description}")
 
 
 @app.command()

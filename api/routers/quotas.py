@@ -1,20 +1,27 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Literal
+from urllib.parse import quote
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Response, UploadFile
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import PrincipalDep, SessionDep
+from api.deps import DEFAULT_PAGE, Cursor, Limit, PrincipalDep, SessionDep
 from api.schemas import Page
 from broker.core import clock
+from broker.core.settings import get_settings
 from broker.tenancy.models import Tenant
-from quotas import ledger, service
+from quotas import ledger, requests, service
 from quotas.models import Quota
 from quotas.schemas import (
     CheckRequest,
     CheckResult,
     QuotaPublic,
+    QuotaRequestCreate,
+    QuotaRequestDecision,
+    QuotaRequestPublic,
+    QuotaRequestReject,
     QuotaSet,
     ResourceClassPublic,
     Shortfall,
@@ -135,3 +142,112 @@ def _usage(tenant: Tenant, lines: list[service.UsageLine]) -> TenantUsage:
 def tenant_usage(tenant_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> UsageReport:
     tenant, lines, children = service.usage_report(session, principal, tenant_id)
     return UsageReport(tenant=_usage(tenant, lines), children=[_usage(c, ls) for c, ls in children])
+
+
+# --- quota change requests ---------------------------------------------------------------------
+
+requests_router = APIRouter(prefix="/api/v1/quota-requests", tags=["quota requests"])
+
+
+@requests_router.get("", response_model=Page[QuotaRequestPublic])
+def list_requests(
+    session: SessionDep,
+    principal: PrincipalDep,
+    state: Literal["pending", "approved", "partially_approved", "rejected", "withdrawn"]
+    | None = None,
+    tenant_id: uuid.UUID | None = None,
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_PAGE,
+) -> Page[QuotaRequestPublic]:
+    rows, nxt = requests.list_requests(
+        session, principal, state=state, tenant_id=tenant_id, cursor=cursor, limit=limit
+    )
+    data = [QuotaRequestPublic.model_validate(r) for r in rows]
+    return Page(data=data, count=len(data), next_cursor=nxt)
+
+
+@requests_router.post("", status_code=201)
+def create_request(
+    body: QuotaRequestCreate, session: SessionDep, principal: PrincipalDep
+) -> QuotaRequestPublic:
+    req = requests.create(
+        session,
+        principal,
+        tenant_id=body.tenant_id,
+        changes=body.changes,
+        justification=body.justification,
+    )
+    session.commit()
+    return QuotaRequestPublic.model_validate(req)
+
+
+@requests_router.get("/{request_id}")
+def get_request(
+    request_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
+) -> QuotaRequestPublic:
+    return QuotaRequestPublic.model_validate(requests.get(session, principal, request_id))
+
+
+@requests_router.put("/{request_id}/attachment")
+async def put_attachment(
+    request_id: uuid.UUID,
+    file: UploadFile,
+    session: SessionDep,
+    principal: PrincipalDep,
+) -> QuotaRequestPublic:
+    # read at most one byte past the limit: enough to refuse an oversize upload
+    content = await file.read(get_settings().quota_attachment_max_bytes + 1)
+    req = await run_in_threadpool(
+        requests.attach,
+        session,
+        principal,
+        request_id,
+        filename=file.filename or "attachment",
+        content_type=file.content_type or "application/octet-stream",
+        content=content,
+    )
+    await run_in_threadpool(session.commit)
+    return QuotaRequestPublic.model_validate(req)
+
+
+@requests_router.get("/{request_id}/attachment")
+def get_attachment(request_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> Response:
+    req, content = requests.attachment(session, principal, request_id)
+    return Response(
+        content,
+        media_type=req.attachment_type or "application/octet-stream",
+        headers={
+            "Content-Disposition": "attachment; filename*=UTF-8''"
+            + quote(req.attachment_name or "attachment"),
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
+@requests_router.post("/{request_id}/approve")
+def approve_request(
+    request_id: uuid.UUID, body: QuotaRequestDecision, session: SessionDep, principal: PrincipalDep
+) -> QuotaRequestPublic:
+    req = requests.approve(
+        session, principal, request_id, approved=body.approved, reason=body.reason
+    )
+    session.commit()
+    return QuotaRequestPublic.model_validate(req)
+
+
+@requests_router.post("/{request_id}/reject")
+def reject_request(
+    request_id: uuid.UUID, body: QuotaRequestReject, session: SessionDep, principal: PrincipalDep
+) -> QuotaRequestPublic:
+    req = requests.reject(session, principal, request_id, reason=body.reason)
+    session.commit()
+    return QuotaRequestPublic.model_validate(req)
+
+
+@requests_router.post("/{request_id}/withdraw")
+def withdraw_request(
+    request_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
+) -> QuotaRequestPublic:
+    req = requests.withdraw(session, principal, request_id)
+    session.commit()
+    return QuotaRequestPublic.model_validate(req)

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     reservation_max_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     quota_attachment_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
 
+    # run the periodic jobs inside `serve` (the embedded deployment)
+    embedded_scheduler: bool = True
+
     log_json: bool = False
     log_level: str = "INFO"
 

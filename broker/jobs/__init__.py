@@ -1,0 +1,1 @@
+"""Scheduled jobs: what runs periodically, and the APScheduler wiring that runs it."""
