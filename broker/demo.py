@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from broker.core.authz import Principal, Role
 from broker.tenancy import service as tenancy
 from broker.tenancy import users
 from broker.tenancy.models import Tenant
 from broker.tenancy.schemas import RoleBindingCreate, TenantCreate, UserCreate
+from quotas import requests as quota_requests
+from quotas import service as quotas
 
 DEMO_PASSWORD = "Demo@2026-gov"  # noqa: S105 - printed to the demo user on purpose
 
@@ -72,6 +74,29 @@ AGENCIES: list[tuple[str, str, str, list[tuple[str, str]]]] = [
 ]
 
 
+# the center's pool, per resource class
+CENTER_LIMITS = {
+    "vcpu": 4000,
+    "memory_mb": 16 * 1024 * 1024,
+    "storage_gb.ssd": 200_000,
+    "storage_gb.hdd": 600_000,
+    "public_ip": 256,
+    "bandwidth_mbps": 20_000,
+    "instances": 1200,
+}
+# each agency's share: a scale applied to a base allotment (big bureaus get more)
+AGENCY_SCALE = {"fgw": 2, "gaj": 6, "jyj": 3, "wjw": 4, "czj": 2, "rsj": 3, "jtj": 3, "sthjj": 2}
+BASE_ALLOTMENT = {
+    "vcpu": 96,
+    "memory_mb": 384 * 1024,
+    "storage_gb.ssd": 4_000,
+    "storage_gb.hdd": 12_000,
+    "public_ip": 4,
+    "bandwidth_mbps": 400,
+    "instances": 30,
+}
+
+
 @dataclass(frozen=True)
 class DemoUser:
     username: str
@@ -109,6 +134,8 @@ def seed(session: Session) -> list[DemoUser]:
         )
         created.append(DemoUser(username, name, role.value, scope.name_zh))
 
+    for rc, limit in CENTER_LIMITS.items():
+        quotas.set_quota(session, actor, center.id, rc, limit=limit)
     person("admin", "云中心管理员", center, Role.center_admin, center)
     person("auditor", "监理单位审计员", center, Role.auditor, center)
     person("finance", "云中心财务", center, Role.finance, center)
@@ -133,7 +160,38 @@ def seed(session: Session) -> list[DemoUser]:
             )
             for scode, sname in systems
         ]
+        _allot(session, actor, agency, subsystems, AGENCY_SCALE[code])
         person(f"{code}-admin", f"{name_zh}管理员", agency, Role.agency_admin, agency)
         person(f"{code}-finance", f"{name_zh}财务", agency, Role.finance, agency)
         person(f"{code}-ops", f"{name_zh}运维", agency, Role.member, subsystems[0])
+    _pending_requests(session, actor, created)
     return created
+
+
+def _allot(
+    session: Session, actor: Principal, agency: Tenant, systems: list[Tenant], scale: int
+) -> None:
+    """The agency's quota, and its first system's own slice (the rest share the pool)."""
+    for rc, base in BASE_ALLOTMENT.items():
+        quotas.set_quota(session, actor, agency.id, rc, limit=base * scale)
+    for rc in ("vcpu", "memory_mb", "storage_gb.ssd"):
+        quotas.set_quota(session, actor, systems[0].id, rc, limit=BASE_ALLOTMENT[rc] * scale // 2)
+
+
+def _pending_requests(session: Session, actor: Principal, people: list[DemoUser]) -> None:
+    """Two requests waiting on the center's desk."""
+    agencies = {t.code: t for t in session.exec(select(Tenant).where(Tenant.kind == "agency"))}
+    quota_requests.create(
+        session,
+        actor,
+        tenant_id=agencies["gaj"].id,
+        changes={"vcpu": 128, "memory_mb": 524288},
+        justification="视频监控联网平台二期扩容，新增200路高清视频解析节点",
+    )
+    quota_requests.create(
+        session,
+        actor,
+        tenant_id=agencies["wjw"].id,
+        changes={"storage_gb.ssd": 6000},
+        justification="全民健康信息平台影像数据归档，需增加SSD存储",
+    )
