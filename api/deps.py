@@ -14,6 +14,8 @@ from broker.core.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from broker.tenancy import auth
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# query strings may carry anything but NUL, which PostgreSQL cannot compare or store
+NO_NUL = r"^[^\x00]*$"
 
 
 class SessionSource(Protocol):
@@ -60,7 +62,8 @@ def current_principal(request: Request) -> Principal:
 SessionDep = Annotated[Session, Depends(db_session)]
 PrincipalDep = Annotated[Principal, Depends(current_principal)]
 Cursor = Annotated[
-    str | None, Query(max_length=512, description="next_cursor of the previous page")
+    str | None,
+    Query(pattern=NO_NUL, max_length=512, description="next_cursor of the previous page"),
 ]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 DEFAULT_PAGE = DEFAULT_LIMIT

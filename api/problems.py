@@ -8,7 +8,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -108,6 +108,8 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     errors = []
     for err in exc.errors():
         field, where = _field_of(tuple(err.get("loc", ())))
+        if err.get("type") == "json_invalid":
+            field = "body"  # the location is a character offset, not a field
         errors.append(
             {
                 "field": field,
@@ -124,6 +126,23 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and "parsing the body" in str(exc.detail):
+        # e.g. a body that is not UTF-8: as unreadable as malformed JSON, and answered alike
+        return problem(
+            request,
+            422,
+            "invalid",
+            "Invalid input",
+            "the body cannot be read as JSON",
+            errors=[
+                {
+                    "field": "body",
+                    "in": "body",
+                    "message": "is not valid UTF-8 JSON",
+                    "code": "json_invalid",
+                }
+            ],
+        )
     titles = {404: "Not found", 405: "Method not allowed", 401: "Authentication required"}
     return problem(
         request,
@@ -147,6 +166,15 @@ def _database_down(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _bad_value(request: Request, exc: Exception) -> JSONResponse:
+    # the database refused a value that validation let through (out of range, bad encoding):
+    # still the caller's input, so a 422 rather than a 500
+    log.warning("database refused a value", error=str(exc).splitlines()[0])
+    return problem(
+        request, 422, "invalid", "Invalid input", "a value is out of range or cannot be stored"
+    )
+
+
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", path=request.url.path)
     return problem(
@@ -162,6 +190,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(GovbrokerError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(DataError, _bad_value)
     app.add_exception_handler(OperationalError, _database_down)
     app.add_exception_handler(PoolTimeout, _database_down)
     app.add_exception_handler(Exception, _unexpected)

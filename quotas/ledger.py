@@ -21,13 +21,12 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import bindparam, func, insert, update
+from sqlalchemy import bindparam, case, delete, func, insert, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from broker.core import clock
@@ -120,30 +119,54 @@ def counter_changes(amount: int, transition: str) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class Level:
+    id: uuid.UUID
+    code: str
+    kind: str
+    status: str
+
+
+@dataclass(frozen=True)
 class Path:
     """The levels a reservation touches: the agency, and the system when it is one."""
 
-    tenant: Tenant
-    agency: Tenant
-    levels: tuple[Tenant, ...]
+    tenant: Level
+    agency: Level
+    levels: tuple[Level, ...]
+
+
+# Hot statements are built once: constructing SQLAlchemy statements per call costs more Python
+# time than executing them.
+_TENANT = Tenant.__table__  # type: ignore[attr-defined]
+_PARENT = _TENANT.alias("parent")
+_PATH_STMT = (
+    sa_select(
+        _TENANT.c.id,
+        _TENANT.c.code,
+        _TENANT.c.kind,
+        _TENANT.c.status,
+        _PARENT.c.id,
+        _PARENT.c.code,
+        _PARENT.c.kind,
+        _PARENT.c.status,
+    )
+    .select_from(_TENANT.outerjoin(_PARENT, _PARENT.c.id == _TENANT.c.parent_id))
+    .where(_TENANT.c.id == bindparam("tid"))
+)
 
 
 def _path(session: Session, tenant_id: uuid.UUID) -> Path:
-    parent = aliased(Tenant)
-    found = session.execute(
-        select(Tenant, parent)
-        .outerjoin(parent, col(parent.id) == col(Tenant.parent_id))
-        .where(Tenant.id == tenant_id)
-    ).first()
+    found = session.execute(_PATH_STMT, {"tid": tenant_id}).first()
     if found is None:
         raise NotFound(f"tenant {tenant_id} not found")
-    tenant, up = found
+    tenant = Level(*found[:4])
     if tenant.kind == TenantKind.center:
         raise Invalid.field(
             "tenant_id", "quota is consumed by agencies and systems, not the center"
         )
     if tenant.kind == TenantKind.system:
-        return Path(tenant, up, (up, tenant))
+        agency = Level(*found[4:])
+        return Path(tenant, agency, (agency, tenant))
     return Path(tenant, tenant, (tenant,))
 
 
@@ -207,6 +230,31 @@ _QUOTA = Quota.__table__  # type: ignore[attr-defined]
 _ALLOCATION = Allocation.__table__  # type: ignore[attr-defined]
 _RESERVATION = Reservation.__table__  # type: ignore[attr-defined]
 _ROW_COLUMNS = [_QUOTA.c[name] for name in QuotaRow.__dataclass_fields__]
+_LOCK_STMT = (
+    sa_select(*_ROW_COLUMNS)
+    .where(
+        _QUOTA.c.tenant_id.in_(bindparam("tids", expanding=True)),
+        _QUOTA.c.resource_class.in_(bindparam("classes", expanding=True)),
+    )
+    .order_by(_QUOTA.c.depth, _QUOTA.c.resource_class)
+    .with_for_update()
+)
+_BY_REF_STMT = select(Reservation).where(Reservation.ref == bindparam("ref"))
+_insert_reservation: dict[str, Any] = {}
+
+
+def _insert_reservation_stmt(dialect: str) -> Any:
+    """INSERT … ON CONFLICT (ref) DO NOTHING RETURNING id: the idempotency check and the insert
+    in one round trip."""
+    if dialect not in _insert_reservation:
+        insert_for = pg_insert if dialect == "postgresql" else sqlite_insert
+        _insert_reservation[dialect] = (
+            insert_for(_RESERVATION)
+            .on_conflict_do_nothing(index_elements=["ref"])
+            .returning(_RESERVATION.c.id)
+        )
+    return _insert_reservation[dialect]
+
 
 Rows = dict[tuple[uuid.UUID, str], QuotaRow]
 
@@ -232,15 +280,8 @@ def lock_rows(
     classes = sorted(set(classes))
 
     def fetch(tenant_ids: list[uuid.UUID]) -> Rows:
-        stmt = (
-            sa_select(*_ROW_COLUMNS)
-            .where(_QUOTA.c.tenant_id.in_(tenant_ids), _QUOTA.c.resource_class.in_(classes))
-            .order_by(_QUOTA.c.depth, _QUOTA.c.resource_class)
-            .with_for_update()
-        )
-        return {
-            (r.tenant_id, r.resource_class): QuotaRow(**r._mapping) for r in session.execute(stmt)
-        }
+        result = session.execute(_LOCK_STMT, {"tids": tenant_ids, "classes": classes})
+        return {(r[1], r[2]): QuotaRow(*r) for r in result}
 
     rows = fetch([t.id for t in path.levels])
     if create_tenant_rows and path.tenant.kind == TenantKind.system:
@@ -340,16 +381,17 @@ def _move_counters(
                 )
     if not delta:
         return
-    now = clock.now()
+    # one statement for every row (executemany would cost a round trip per row)
     session.execute(
         update(_QUOTA)
-        .where(_QUOTA.c.id == bindparam("qid"))
+        .where(_QUOTA.c.id.in_(list(delta)))
         .values(
-            committed=_QUOTA.c.committed + bindparam("dc"),
-            reserved=_QUOTA.c.reserved + bindparam("dr"),
-            updated_at=now,
-        ),
-        [{"qid": qid, "dc": dc, "dr": dr} for qid, (dc, dr) in delta.items()],
+            committed=_QUOTA.c.committed
+            + case({qid: d[0] for qid, d in delta.items()}, value=_QUOTA.c.id, else_=0),
+            reserved=_QUOTA.c.reserved
+            + case({qid: d[1] for qid, d in delta.items()}, value=_QUOTA.c.id, else_=0),
+            updated_at=clock.now(),
+        )
     )
 
 
@@ -419,55 +461,66 @@ def reserve(
         raise Conflict(f"{path.tenant.kind} {path.tenant.code} is archived")
     rows = lock_rows(session, path, clean, create_tenant_rows=True)
 
-    existing = session.execute(select(Reservation).where(Reservation.ref == ref)).scalars().first()
-    if existing is not None:
+    now = clock.now()
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "ref": ref,
+        "tenant_id": tenant_id,
+        "agency_id": path.agency.id,
+        "owner_ref": owner_ref,
+        "state": RESERVED,
+        "expires_at": now + ttl,
+        "created_at": now,
+        "settled_at": None,
+        "created_by": actor,
+    }
+    dialect = session.get_bind().dialect.name
+    if session.execute(_insert_reservation_stmt(dialect), values).first() is None:
+        existing = session.execute(_BY_REF_STMT, {"ref": ref}).scalars().one()
         if existing.tenant_id != tenant_id or amounts(session, existing.id) != clean:
             raise Conflict.field("ref", f"reservation {ref!r} exists with other amounts", "reused")
         return existing
-
-    now = clock.now()
-    over = _shortfalls_locked(session, path, rows, clean, now)
-    if over:
-        raise QuotaExceeded(over)
-    for code, amount in clean.items():
-        own = rows.get((tenant_id, code))
-        if amount < 0 and (own is None or own.committed + amount < 0):
-            raise Invalid.field(
-                f"deltas.{code}",
-                f"cannot shrink by {-amount}: only {own.committed if own else 0} is committed here",
-                "below_zero",
-            )
-    reservation = Reservation(
-        ref=ref,
-        tenant_id=tenant_id,
-        agency_id=path.agency.id,
-        owner_ref=owner_ref,
-        expires_at=now + ttl,
-        created_at=now,
-        created_by=actor,
-    )
-    session.add(reservation)
-    session.flush()  # no ORM relationship orders the inserts: the parent row goes first
+    try:
+        over = _shortfalls_locked(session, path, rows, clean, now)
+        if over:
+            raise QuotaExceeded(over)
+        for code, amount in clean.items():
+            own = rows.get((tenant_id, code))
+            if amount < 0 and (own is None or own.committed + amount < 0):
+                held = own.committed if own else 0
+                raise Invalid.field(
+                    f"deltas.{code}",
+                    f"cannot shrink by {-amount}: only {held} is committed here",
+                    "below_zero",
+                )
+    except (QuotaExceeded, Invalid):
+        # the row went in first to settle idempotency; a refusal takes it back out, so a caller
+        # that catches the error and carries on in the same transaction holds nothing
+        session.execute(delete(_RESERVATION).where(_RESERVATION.c.id == values["id"]))
+        raise
     session.execute(
-        insert(_ALLOCATION),
-        [
-            {
-                "id": uuid.uuid4(),
-                "reservation_id": reservation.id,
-                "tenant_id": tenant_id,
-                "agency_id": path.agency.id,
-                "resource_class": code,
-                "amount": amount,
-                "state": RESERVED,
-                "owner_ref": owner_ref,
-                "expires_at": reservation.expires_at,
-                "created_at": now,
-            }
-            for code, amount in sorted(clean.items())
-        ],
+        insert(_ALLOCATION).values(
+            [
+                {
+                    "id": uuid.uuid4(),
+                    "reservation_id": values["id"],
+                    "tenant_id": tenant_id,
+                    "agency_id": path.agency.id,
+                    "resource_class": code,
+                    "amount": amount,
+                    "state": RESERVED,
+                    "owner_ref": owner_ref,
+                    "expires_at": values["expires_at"],
+                    "created_at": now,
+                    "committed_at": None,
+                    "released_at": None,
+                }
+                for code, amount in sorted(clean.items())
+            ]
+        )
     )
     _move_counters(session, rows, path, sorted(clean.items()), "reserve")
-    return reservation
+    return Reservation(**values)
 
 
 def amounts(session: Session, reservation_id: uuid.UUID) -> dict[str, int]:

@@ -9,12 +9,10 @@ from typing import Annotated
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
+from broker.core.schemas import Input
+
 ClassCode = Annotated[str, StringConstraints(min_length=1, max_length=32)]
 Deltas = Annotated[dict[ClassCode, int], Field(min_length=1, max_length=32)]
-
-
-class Input(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ResourceClassPublic(BaseModel):

@@ -26,7 +26,7 @@ from broker.core import clock
 from broker.core.authz import Principal
 from broker.core.errors import Conflict, Forbidden, Invalid, NotFound
 from broker.tenancy import service as tenancy
-from broker.tenancy.authz import authorize
+from broker.tenancy.authz import authorize, authorize_at_parent
 from broker.tenancy.models import Tenant, TenantKind, TenantStatus
 from quotas import ledger
 from quotas.models import Allocation, Quota, QuotaNotice, ResourceClass
@@ -63,7 +63,7 @@ def _authorize_set(session: Session, principal: Principal, tenant: Tenant) -> Te
         return None
     parent = _load_tenant(session, tenant.parent_id)
     action = "quota.split" if tenant.kind == TenantKind.system else "quota.manage"
-    authorize(principal, action, parent)
+    authorize_at_parent(principal, action, tenant, parent)
     return parent
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import AwareDatetime, BaseModel
 
-from api.deps import DEFAULT_PAGE, Cursor, Limit, PrincipalDep, SessionDep
+from api.deps import DEFAULT_PAGE, NO_NUL, Cursor, Limit, PrincipalDep, SessionDep
 from api.schemas import Page
 from broker.audit import service as audit
 from broker.core.errors import Invalid, NotFound
@@ -43,13 +43,16 @@ def list_events(
     since: AwareDatetime | None = None,
     until: AwareDatetime | None = None,
     actor_id: uuid.UUID | None = None,
-    actor: Annotated[str | None, Query(max_length=64, description="actor's username")] = None,
+    actor: Annotated[
+        str | None, Query(pattern=NO_NUL, max_length=64, description="actor's username")
+    ] = None,
     tenant_id: uuid.UUID | None = None,
     action: Annotated[
-        str | None, Query(max_length=64, description="exact action, or a prefix ending in '.'")
+        str | None,
+        Query(pattern=NO_NUL, max_length=64, description="exact action, or a prefix ending in '.'"),
     ] = None,
-    target_type: Annotated[str | None, Query(max_length=64)] = None,
-    target_id: Annotated[str | None, Query(max_length=64)] = None,
+    target_type: Annotated[str | None, Query(pattern=NO_NUL, max_length=64)] = None,
+    target_id: Annotated[str | None, Query(pattern=NO_NUL, max_length=64)] = None,
     cursor: Cursor = None,
     limit: Limit = DEFAULT_PAGE,
 ) -> Page[AuditEventPublic]:

@@ -7,7 +7,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Path, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import DEFAULT_PAGE, Cursor, Limit, PrincipalDep, SessionDep
+from api.deps import DEFAULT_PAGE, NO_NUL, Cursor, Limit, PrincipalDep, SessionDep
 from api.schemas import Page
 from broker.core import clock
 from broker.core.settings import get_settings
@@ -65,7 +65,7 @@ def list_quotas(
     session: SessionDep,
     principal: PrincipalDep,
     tenant_id: uuid.UUID | None = None,
-    resource_class: Annotated[str | None, Query(max_length=32)] = None,
+    resource_class: Annotated[str | None, Query(pattern=NO_NUL, max_length=32)] = None,
 ) -> Page[QuotaPublic]:
     rows = service.list_quotas(
         session, principal, tenant_id=tenant_id, resource_class=resource_class

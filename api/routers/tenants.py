@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 
-from api.deps import DEFAULT_PAGE, Cursor, Limit, PrincipalDep, SessionDep
+from api.deps import DEFAULT_PAGE, NO_NUL, Cursor, Limit, PrincipalDep, SessionDep
 from api.schemas import Page
 from broker.tenancy import service
 from broker.tenancy.schemas import TenantCreate, TenantPublic, TenantUpdate
@@ -20,7 +20,7 @@ def list_tenants(
     kind: Literal["center", "agency", "system"] | None = None,
     parent_id: uuid.UUID | None = None,
     status: Literal["active", "suspended", "archived"] | None = None,
-    q: Annotated[str | None, Query(max_length=100)] = None,
+    q: Annotated[str | None, Query(pattern=NO_NUL, max_length=100)] = None,
     cursor: Cursor = None,
     limit: Limit = DEFAULT_PAGE,
 ) -> Page[TenantPublic]:

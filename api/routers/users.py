@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
-from api.deps import DEFAULT_PAGE, Cursor, Limit, PrincipalDep, SessionDep
+from api.deps import DEFAULT_PAGE, NO_NUL, Cursor, Limit, PrincipalDep, SessionDep
 from api.schemas import Page
 from broker.tenancy import users
 from broker.tenancy.schemas import PasswordSet, UserCreate, UserPublic, UserUpdate
@@ -19,7 +19,7 @@ def list_users(
     principal: PrincipalDep,
     tenant_id: uuid.UUID | None = None,
     status: Literal["active", "disabled"] | None = None,
-    q: Annotated[str | None, Query(max_length=100)] = None,
+    q: Annotated[str | None, Query(pattern=NO_NUL, max_length=100)] = None,
     cursor: Cursor = None,
     limit: Limit = DEFAULT_PAGE,
 ) -> Page[UserPublic]:

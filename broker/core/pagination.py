@@ -35,19 +35,25 @@ def decode_cursor(cursor: str, kinds: Sequence[type]) -> list[Any]:
         out: list[Any] = []
         for kind, value in zip(kinds, values, strict=True):
             if kind is datetime:
+                if not isinstance(value, str):
+                    raise ValueError("not a string")
                 parsed = datetime.fromisoformat(value)
                 if parsed.tzinfo is None:
                     raise ValueError("naive time")
                 out.append(parsed)
             elif kind is UUID:
+                if not isinstance(value, str):
+                    raise ValueError("not a string")
                 out.append(UUID(value))
             elif kind is int:
                 if not isinstance(value, int) or isinstance(value, bool):
                     raise ValueError("not an integer")
+                if not -(2**63) <= value < 2**63:
+                    raise ValueError("out of range")
                 out.append(value)
             else:
-                if not isinstance(value, str):
-                    raise ValueError("not a string")
+                if not isinstance(value, str) or "\x00" in value:
+                    raise ValueError("not a plain string")
                 out.append(value)
         return out
     except (ValueError, TypeError, binascii.Error, json.JSONDecodeError) as exc:

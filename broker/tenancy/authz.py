@@ -42,6 +42,16 @@ def authorize(
             )
 
 
+def authorize_at_parent(principal: Principal, action: str, tenant: Tenant, parent: Tenant) -> None:
+    """For rights over a tenant that are held at its parent (its status, its quota): a caller who
+    can see the tenant but not its parent lacks the right (403) rather than the object (404)."""
+    if not principal.sees(tenant.path):
+        raise NotFound(f"tenant {tenant.id} not found")
+    if not principal.sees(parent.path):
+        raise Forbidden(f"your roles here do not allow {action}")
+    authorize(principal, action, parent)
+
+
 def _inactive_on_path(tenant: Tenant) -> Tenant | None:
     if tenant.status != TenantStatus.active:
         return tenant

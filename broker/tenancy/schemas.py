@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from broker.core.schemas import Input
+
 Code = Annotated[
     str,
     StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", min_length=1, max_length=64),
@@ -24,12 +26,6 @@ Description = Annotated[str, StringConstraints(max_length=1000)]
 Password = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 TenantStatusIn = Literal["active", "suspended", "archived"]
 RoleIn = Literal["center_admin", "agency_admin", "member", "finance", "auditor"]
-
-
-class Input(BaseModel):
-    """Every input model refuses unknown fields: a typo must not be silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class Output(BaseModel):
@@ -52,6 +48,8 @@ class TenantCreate(TenantBase):
 
 
 class TenantUpdate(Input):
+    not_null = frozenset({"name_zh", "parent_id", "status"})
+
     name_zh: NameZh | None = None
     name_en: NameEn | None = None
     contact_name: PersonName | None = None
@@ -88,6 +86,8 @@ class UserCreate(Input):
 
 
 class UserUpdate(Input):
+    not_null = frozenset({"display_name", "status", "tenant_id"})
+
     display_name: PersonName | None = None
     email: Email | None = None
     phone: Phone | None = None

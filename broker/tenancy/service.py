@@ -20,7 +20,7 @@ from broker.core import clock
 from broker.core.authz import Principal
 from broker.core.errors import Conflict, Invalid, NotFound
 from broker.core.pagination import DEFAULT_LIMIT, decode_cursor, encode_cursor
-from broker.tenancy.authz import authorize
+from broker.tenancy.authz import authorize, authorize_at_parent
 from broker.tenancy.models import RoleBinding, Tenant, TenantKind, TenantStatus, User
 from broker.tenancy.schemas import TenantCreate, TenantUpdate
 
@@ -182,11 +182,11 @@ def list_tenants(
     if status is not None:
         stmt = stmt.where(Tenant.status == status)
     if q:
-        like = f"%{q.lower()}%"
+        # autoescape: a "_" or "%" typed by the user is a character, not a wildcard
         stmt = stmt.where(
-            func.lower(Tenant.code).like(like)
-            | Tenant.name_zh.like(f"%{q}%")  # type: ignore[attr-defined]
-            | func.lower(func.coalesce(Tenant.name_en, "")).like(like)
+            func.lower(Tenant.code).contains(q.lower(), autoescape=True)
+            | col(Tenant.name_zh).contains(q, autoescape=True)
+            | func.lower(func.coalesce(Tenant.name_en, "")).contains(q.lower(), autoescape=True)
         )
     if cursor:
         (after,) = decode_cursor(cursor, [str])
@@ -213,10 +213,8 @@ def update_tenant(
             raise Invalid.field(field, "the center is always active and has no parent")
     elif new_status is not None:
         # status belongs to whoever manages the parent, so a suspended system can be reactivated
-        if not principal.sees(tenant.path):
-            raise NotFound(f"tenant {tenant.id} not found")
         assert tenant.parent_id is not None
-        authorize(principal, action, _load(session, tenant.parent_id))
+        authorize_at_parent(principal, action, tenant, _load(session, tenant.parent_id))
     else:
         authorize(principal, action, tenant)
     if tenant.status == TenantStatus.archived and new_status is None and (changes or new_parent):
@@ -275,6 +273,12 @@ def _change_status(session: Session, principal: Principal, tenant: Tenant, statu
             raise Conflict(
                 f"{tenant.kind} {tenant.code} still owns resources: " + "; ".join(held),
                 extra={"owned": held},
+            )
+    if status != TenantStatus.archived and tenant.parent_id is not None:
+        parent = _load(session, tenant.parent_id)
+        if parent.status == TenantStatus.archived:
+            raise Conflict(
+                f"{parent.kind} {parent.code} is archived; reactivate it before its {tenant.kind}s"
             )
     before = tenant.status
     tenant.status = status

@@ -60,9 +60,12 @@ def _load_user(
     if user is None:
         raise NotFound(f"user {user_id} not found")
     home = _tenant(session, user.tenant_id)
-    # the principal always sees itself
-    if principal.user_id == user.id and action == "user.read":
-        return user, home
+    if principal.user_id == user.id:
+        # everyone sees their own account; changing it still takes the right to manage users
+        if action != "user.read" and not principal.can(action, home.path):
+            raise Forbidden(f"your roles do not allow {action}; use /api/v1/me for your password")
+        if action == "user.read":
+            return user, home
     authorize(principal, action, home, subject=f"user {user_id}")
     return user, home
 
@@ -151,8 +154,10 @@ def list_users(
     if status is not None:
         stmt = stmt.where(User.status == status)
     if q:
-        like = f"%{q.lower()}%"
-        stmt = stmt.where(func.lower(User.username).like(like) | User.display_name.like(f"%{q}%"))  # type: ignore[attr-defined]
+        stmt = stmt.where(
+            func.lower(User.username).contains(q.lower(), autoescape=True)
+            | col(User.display_name).contains(q, autoescape=True)
+        )
     if cursor:
         (after,) = decode_cursor(cursor, [str])
         stmt = stmt.where(User.username > after)
@@ -298,6 +303,8 @@ def _binding_for(
     if binding is None:
         raise NotFound(f"role binding {binding_id} not found")
     tenant = _tenant(session, binding.tenant_id)
+    if action == "rolebinding.read" and binding.user_id == principal.user_id:
+        return binding, tenant  # everybody may see their own bindings
     authorize(principal, action, tenant, subject=f"role binding {binding_id}")
     return binding, tenant
 
