@@ -224,7 +224,16 @@ def approve(
     extra = sorted(set(final) - set(req.requested))
     if extra:
         raise Invalid.field(f"approved.{extra[0]}", "was not requested", "not_requested")
+    for code, amount in final.items():
+        asked = req.requested[code]
+        if (amount > 0) != (asked > 0) or abs(amount) > abs(asked):
+            raise Invalid.field(
+                f"approved.{code}",
+                f"may grant part of the requested {asked}, not {amount}",
+                "exceeds_request",
+            )
     partial = final != req.requested
+    reason = (reason or "").strip() or None
     if partial and not reason:
         raise Invalid.field("reason", "say why the request is only partly approved", "required")
     before = _snapshot(req)
@@ -270,6 +279,9 @@ def reject(
     if not principal.is_center_admin:
         raise Forbidden("only center administrators decide quota requests")
     _ensure_pending(req)
+    reason = reason.strip()
+    if len(reason) < 2:
+        raise Invalid.field("reason", "say why the request is rejected", "required")
     before = _snapshot(req)
     req.state, req.decision_reason = "rejected", reason
     req.decided_by, req.decided_at = principal.user_id, clock.now()

@@ -97,18 +97,12 @@ def _usage_of(session: Session, tenant: Tenant, rc: str, q: Quota | None, now: d
         stmt = select(func.coalesce(func.sum(Quota.committed + Quota.reserved), 0)).where(
             Quota.depth == 1, Quota.resource_class == rc
         )
-        return int(session.execute(stmt).scalar_one())
-    if q is None:
+        counted = int(session.execute(stmt).scalar_one())
+    elif q is None:
         return 0
-    agency_id = tenant.id if tenant.kind == TenantKind.agency else tenant.parent_id
-    assert agency_id is not None
-    expired = ledger.expired_reserved(session, agency_id, [rc], now)
-    lapsed = (
-        sum(expired.values())
-        if tenant.kind == TenantKind.agency
-        else expired.get((tenant.id, rc), 0)
-    )
-    return q.committed + q.reserved - lapsed
+    else:
+        counted = q.committed + q.reserved
+    return counted - _lapsed_by_tenant(session, tenant, now).get((tenant.id, rc), 0)
 
 
 def snapshot(q: Quota) -> dict[str, Any]:
@@ -386,9 +380,10 @@ def _center_rollup(
 
 
 def _lapsed_by_tenant(
-    session: Session, tenant: Tenant, now: datetime
+    session: Session, tenant: Tenant | None, now: datetime
 ) -> dict[tuple[uuid.UUID, str], int]:
-    """Expired-but-unswept reserved amounts, attributed to every level whose counter holds them."""
+    """Expired-but-unswept reserved amounts, attributed to every level whose counter holds them
+    (the system, its agency, and — when `tenant` is the center or None — the center)."""
     stmt = (
         select(
             Allocation.agency_id,
@@ -405,12 +400,12 @@ def _lapsed_by_tenant(
             col(Allocation.agency_id), col(Allocation.tenant_id), col(Allocation.resource_class)
         )
     )
-    if tenant.kind == TenantKind.agency:
+    if tenant is not None and tenant.kind == TenantKind.agency:
         stmt = stmt.where(Allocation.agency_id == tenant.id)
-    elif tenant.kind == TenantKind.system:
+    elif tenant is not None and tenant.kind == TenantKind.system:
         stmt = stmt.where(Allocation.tenant_id == tenant.id)
     out: dict[tuple[uuid.UUID, str], int] = defaultdict(int)
-    center_id = tenant.id if tenant.kind == TenantKind.center else None
+    center_id = tenant.id if tenant is not None and tenant.kind == TenantKind.center else None
     for agency_id, tenant_id, rc, amount in session.execute(stmt).all():
         out[(agency_id, rc)] += int(amount)
         if tenant_id != agency_id:
@@ -446,6 +441,35 @@ def list_quotas(
         .execution_options(populate_existing=True)
     )
     return [(q, t) for q, t in session.execute(stmt).all()]
+
+
+@dataclass(frozen=True)
+class QuotaView:
+    """A quota row as callers see it: expired reservations are not counted."""
+
+    quota: Quota
+    tenant: Tenant
+    reserved: int
+    days_remaining: int | None
+    status: str
+
+
+def views(session: Session, rows: list[tuple[Quota, Tenant]]) -> list[QuotaView]:
+    now = clock.now()
+    lapsed = _lapsed_by_tenant(session, None, now) if rows else {}
+    out = []
+    for q, t in rows:
+        reserved = q.reserved - lapsed.get((t.id, q.resource_class), 0)
+        out.append(
+            QuotaView(
+                quota=q,
+                tenant=t,
+                reserved=reserved,
+                days_remaining=days_remaining(q.valid_until, now),
+                status=quota_status(q, q.committed + reserved, now),
+            )
+        )
+    return out
 
 
 def get_quota(

@@ -9,11 +9,9 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import DEFAULT_PAGE, NO_NUL, Cursor, Limit, PrincipalDep, SessionDep
 from api.schemas import Page
-from broker.core import clock
 from broker.core.settings import get_settings
 from broker.tenancy.models import Tenant
 from quotas import ledger, requests, service
-from quotas.models import Quota
 from quotas.schemas import (
     CheckRequest,
     CheckResult,
@@ -34,21 +32,20 @@ router = APIRouter(tags=["quotas"])
 ClassPath = Annotated[str, Path(min_length=1, max_length=32)]
 
 
-def _public(q: Quota, tenant: Tenant) -> QuotaPublic:
-    now = clock.now()
-    usage = q.committed + q.reserved
+def _public(v: service.QuotaView) -> QuotaPublic:
+    q = v.quota
     return QuotaPublic(
         id=q.id,
-        tenant_id=tenant.id,
-        tenant_code=tenant.code,
+        tenant_id=v.tenant.id,
+        tenant_code=v.tenant.code,
         resource_class=q.resource_class,
         limit=q.hard_limit,
         valid_from=q.valid_from,
         valid_until=q.valid_until,
-        days_remaining=service.days_remaining(q.valid_until, now),
-        status=service.quota_status(q, usage, now),
+        days_remaining=v.days_remaining,
+        status=v.status,
         committed=q.committed,
-        reserved=q.reserved,
+        reserved=v.reserved,
     )
 
 
@@ -70,7 +67,7 @@ def list_quotas(
     rows = service.list_quotas(
         session, principal, tenant_id=tenant_id, resource_class=resource_class
     )
-    data = [_public(q, t) for q, t in rows]
+    data = [_public(v) for v in service.views(session, rows)]
     return Page(data=data, count=len(data))
 
 
@@ -79,7 +76,7 @@ def get_quota(
     tenant_id: uuid.UUID, resource_class: ClassPath, session: SessionDep, principal: PrincipalDep
 ) -> QuotaPublic:
     q, tenant = service.get_quota(session, principal, tenant_id, resource_class)
-    return _public(q, tenant)
+    return _public(service.views(session, [(q, tenant)])[0])
 
 
 @router.put("/api/v1/quotas/{tenant_id}/{resource_class}")
@@ -103,7 +100,7 @@ def set_quota(
     session.commit()
     tenant = session.get(Tenant, tenant_id)
     assert tenant is not None
-    return _public(q, tenant)
+    return _public(service.views(session, [(q, tenant)])[0])
 
 
 @router.post("/api/v1/quotas/check")

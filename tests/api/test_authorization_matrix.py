@@ -21,7 +21,7 @@ The estate (tests/fixtures/auth.py) plus one user added here:
 Each matrix row is (user, method, path template, body, expected status[, field the problem names]).
 Templates are filled from `refs`: {t[code]} a tenant id, {u[username]} a user id, {rb[username]}
 the id of that user's estate role binding, {tok[b-member]} an API token of b-member, {missing} an
-id that exists nowhere.
+id that exists nowhere. Quota cases run on the limits of tests/fixtures/quota.py (`quota_estate`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
@@ -41,6 +40,7 @@ from broker.core.authz import Principal
 from broker.tenancy import auth, users
 from broker.tenancy.models import RoleBinding, User
 from broker.tenancy.schemas import RoleBindingCreate, UserCreate
+from quotas import requests as quota_requests
 from tests.fixtures.auth import ESTATE_USERS, PASSWORD
 
 PROBLEM = "application/problem+json"
@@ -72,8 +72,26 @@ API_ENDPOINTS: list[tuple[str, str]] = [
     ("GET", "/api/v1/role-bindings/{binding_id}"),
     ("DELETE", "/api/v1/role-bindings/{binding_id}"),
     ("GET", "/api/v1/audit-events"),
+    ("GET", "/api/v1/resource-classes"),
+    ("GET", "/api/v1/quotas"),
+    ("GET", "/api/v1/quotas/{tenant_id}/{resource_class}"),
+    ("PUT", "/api/v1/quotas/{tenant_id}/{resource_class}"),
+    ("POST", "/api/v1/quotas/check"),
+    ("GET", "/api/v1/tenants/{tenant_id}/usage"),
+    ("GET", "/api/v1/quota-requests"),
+    ("POST", "/api/v1/quota-requests"),
+    ("GET", "/api/v1/quota-requests/{request_id}"),
+    ("PUT", "/api/v1/quota-requests/{request_id}/attachment"),
+    ("GET", "/api/v1/quota-requests/{request_id}/attachment"),
+    ("POST", "/api/v1/quota-requests/{request_id}/approve"),
+    ("POST", "/api/v1/quota-requests/{request_id}/reject"),
+    ("POST", "/api/v1/quota-requests/{request_id}/withdraw"),
 ]
-PROBE_ENDPOINTS: list[tuple[str, str]] = [("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")]
+PROBE_ENDPOINTS: list[tuple[str, str]] = [
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+]
 
 
 # --- matrix rows and how one is run ---------------------------------------------------------------
@@ -120,6 +138,7 @@ NEW_PASSWORD = {"password": "Another-Good-7-Passphrase"}
 RENAME = {"name_en": "Renamed"}
 SUSPEND = {"status": "suspended"}
 USER_EDIT = {"display_name": "Renamed"}
+UPLOAD = {"__upload__": "memo.pdf"}  # run() sends this body as a multipart file, not JSON
 
 
 def fill(value: Any, refs: dict[str, Any]) -> Any:
@@ -157,9 +176,11 @@ def audit_count(db: Any) -> int:
 
 def run(case: Case, clients: Any, refs: dict[str, Any], db: Any) -> Any:
     before = audit_count(db)
-    resp = clients[case.user].request(
-        case.method, fill(case.path, refs), json=fill(case.body, refs)
-    )
+    if case.body is UPLOAD:
+        payload: dict[str, Any] = {"files": {"file": (UPLOAD["__upload__"], b"%PDF-1.4 v2")}}
+    else:
+        payload = {"json": fill(case.body, refs)}
+    resp = clients[case.user].request(case.method, fill(case.path, refs), **payload)
     expect(resp, case.status, case.field)
     if resp.status_code >= 400:
         assert audit_count(db) == before, "a refused request must leave no audit event behind"
@@ -172,20 +193,22 @@ def refs(db, estate, clients) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     system = Principal.system("test-setup")
     with db.unit_of_work() as s:
         staff = users.create_user(
-            s, system, UserCreate(username="a1-staff", display_name="A1 STAFF",
-                                  tenant_id=estate.tid("a1")),
+            s,
+            system,
+            UserCreate(username="a1-staff", display_name="A1 STAFF", tenant_id=estate.tid("a1")),
         )
         users.create_binding(
-            s, system, RoleBindingCreate(user_id=staff.id, role="member", tenant_id=estate.tid("a1"))
+            s,
+            system,
+            RoleBindingCreate(user_id=staff.id, role="member", tenant_id=estate.tid("a1")),
         )
         estate.users["a1-staff"] = staff
         b_member = s.get(User, estate.uid("b-member"))
         token, _ = auth.create_token(
             s, auth.load_principal(s, b_member, method="session"), name="ci", expires_in_days=30
         )
-        binding_of = {
-            uid: bid for uid, bid in s.execute(select(RoleBinding.user_id, RoleBinding.id)).all()
-        }
+        every_binding = select(RoleBinding.user_id, RoleBinding.id)  # type: ignore[call-overload]
+        binding_of = {uid: bid for uid, bid in s.execute(every_binding).all()}
     return {
         "t": {code: str(t.id) for code, t in estate.tenants.items()},
         "u": {name: str(u.id) for name, u in estate.users.items()},
@@ -197,6 +220,7 @@ def refs(db, estate, clients) -> dict[str, Any]:  # type: ignore[no-untyped-def]
 
 # --- agency A's administrator and agency B's objects ----------------------------------------------
 
+# fmt: off
 OTHER_AGENCY_OBJECTS = rows(
     ("a-admin", "GET", "/api/v1/tenants/{t[b]}", None, 404),
     ("a-admin", "GET", "/api/v1/tenants/{t[b1]}", None, 404),
@@ -222,6 +246,7 @@ OTHER_AGENCY_OBJECTS = rows(
     ("a-admin", "POST", "/api/v1/role-bindings", binding("b-member", "member", "a1"), 404),
     ("a-admin", "POST", "/api/v1/role-bindings", binding("b-member", "member", "b1"), 404),
 )
+# fmt: on
 
 
 @pytest.mark.parametrize("case", OTHER_AGENCY_OBJECTS)
@@ -231,6 +256,7 @@ def test_agency_admin_gets_404_on_other_agency_objects(case, clients, refs, db):
 
 # A body that points into agency B is an invalid reference — the same answer as for an id that
 # exists nowhere — and never a 403 that would confirm the object exists.
+# fmt: off
 PLACING_INTO_OTHER_AGENCY = rows(
     ("a-admin", "POST", "/api/v1/tenants", new_system("b"), 422, "parent_id"),
     ("a-admin", "POST", "/api/v1/users", new_user("b"), 422, "tenant_id"),
@@ -242,6 +268,7 @@ PLACING_INTO_OTHER_AGENCY = rows(
     ("a-admin", "PATCH", "/api/v1/tenants/{t[a1]}", {"parent_id": "{t[b]}"}, 422, "parent_id"),
     ("a-admin", "PATCH", "/api/v1/users/{u[a-member]}", {"tenant_id": "{t[b]}"}, 422, "tenant_id"),
 )
+# fmt: on
 
 
 @pytest.mark.parametrize("case", PLACING_INTO_OTHER_AGENCY)
@@ -250,6 +277,7 @@ def test_agency_admin_cannot_place_anything_in_other_agency(case, clients, refs,
 
 
 # (method, path with agency B's object, the same with an id that exists nowhere, body)
+# fmt: off
 HIDDEN_VS_MISSING = [
     ("GET", "/api/v1/tenants/{t[b]}", "/api/v1/tenants/{missing}", None),
     ("PATCH", "/api/v1/tenants/{t[b1]}", "/api/v1/tenants/{missing}", RENAME),
@@ -265,25 +293,33 @@ HIDDEN_VS_MISSING = [
     ("POST", "/api/v1/role-bindings", "/api/v1/role-bindings", "scope"),
     ("POST", "/api/v1/role-bindings", "/api/v1/role-bindings", "grantee"),
 ]
+# fmt: on
 _BODIES_POINTING = {
     "parent": lambda where: new_system(where),
     "home": lambda where: new_user(where),
     "scope": lambda where: binding("a-member", "member", where),
-    "grantee": lambda where: {"user_id": f"{{u[{where}]}}", "role": "member",
-                              "tenant_id": "{t[a1]}"},
+    "grantee": lambda where: {
+        "user_id": f"{{u[{where}]}}",
+        "role": "member",
+        "tenant_id": "{t[a1]}",
+    },
 }
 
 
 @pytest.mark.parametrize(
-    "method, hidden, missing, body", HIDDEN_VS_MISSING,
+    ("method", "hidden", "missing", "body"),
+    HIDDEN_VS_MISSING,
     ids=[f"{m} {h} {b if isinstance(b, str) else ''}".strip() for m, h, _, b in HIDDEN_VS_MISSING],
 )
 def test_other_agency_objects_look_exactly_like_missing_ones(
     method, hidden, missing, body, clients, refs
 ):
     """Status, type, title and detail (ids aside) are the same, so a probe learns nothing."""
-    refs = {**refs, "t": {**refs["t"], "nowhere": refs["missing"]},
-            "u": {**refs["u"], "nowhere": refs["missing"]}}
+    refs = {
+        **refs,
+        "t": {**refs["t"], "nowhere": refs["missing"]},
+        "u": {**refs["u"], "nowhere": refs["missing"]},
+    }
     if isinstance(body, str):
         other = "b-member" if body == "grantee" else "b"
         hidden_body, missing_body = _BODIES_POINTING[body](other), _BODIES_POINTING[body]("nowhere")
@@ -294,8 +330,8 @@ def test_other_agency_objects_look_exactly_like_missing_ones(
         resp = clients["a-admin"].request(method, fill(path, refs), json=fill(payload, refs))
         problem = assert_problem(resp, resp.status_code)
         assert resp.status_code in (404, 422)
-        text = re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<id>",
-                      repr({k: v for k, v in problem.items() if k not in ("instance", "request_id")}))
+        shown = {k: v for k, v in problem.items() if k not in ("instance", "request_id")}
+        text = re.sub(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", "<id>", repr(shown))
         return {"status": resp.status_code, "problem": text}
 
     assert answer(hidden, hidden_body) == answer(missing, missing_body)
@@ -303,6 +339,7 @@ def test_other_agency_objects_look_exactly_like_missing_ones(
 
 # --- agency administrators inside their own agency ------------------------------------------------
 
+# fmt: off
 AGENCY_ADMIN_OWN_AGENCY = rows(
     # systems inside the agency are theirs to create, edit, suspend and delete
     ("a-admin", "GET", "/api/v1/tenants/{t[a]}", None, 200),
@@ -332,6 +369,7 @@ AGENCY_ADMIN_OWN_AGENCY = rows(
     ("a-admin", "DELETE", "/api/v1/role-bindings/{rb[a-member]}", None, 204),
     ("a-admin", "GET", "/api/v1/audit-events", None, 403),
 )
+# fmt: on
 
 
 @pytest.mark.parametrize("case", AGENCY_ADMIN_OWN_AGENCY)
@@ -343,6 +381,7 @@ def test_agency_admin_manages_systems_and_users_of_own_agency_but_not_the_agency
 
 # --- privilege escalation -------------------------------------------------------------------------
 
+# fmt: off
 ESCALATION = rows(
     ("a-admin", "POST", "/api/v1/role-bindings", binding("a-member", "center_admin", "a"), 403),
     ("a-admin", "POST", "/api/v1/role-bindings", binding("a-member", "auditor", "a"), 403),
@@ -358,6 +397,7 @@ ESCALATION = rows(
     ("a-member", "POST", "/api/v1/role-bindings", binding("a1-staff", "member", "a1"), 403),
     ("b-admin", "POST", "/api/v1/role-bindings", binding("b-member", "center_admin", "b"), 403),
 )
+# fmt: on
 
 
 @pytest.mark.parametrize("case", ESCALATION)
@@ -366,15 +406,16 @@ def test_agency_admin_cannot_grant_or_take_over_roles_it_could_not_grant(case, c
 
 
 @pytest.mark.parametrize(
-    "role, scope", [("center_admin", "center"), ("auditor", "center"), ("agency_admin", "b")]
+    ("role", "scope"), [("center_admin", "center"), ("auditor", "center"), ("agency_admin", "b")]
 )
 def test_agency_admin_cannot_reset_password_of_own_user_holding_a_higher_or_foreign_role(
     role, scope, clients, refs, db
 ):
     """a-finance is homed in agency a; once it also holds `role` at `scope`, taking over its
     account through a password reset (or editing it) would hand a-admin that role."""
-    granted = clients["admin"].post("/api/v1/role-bindings", json=fill(
-        binding("a-finance", role, scope), refs))
+    granted = clients["admin"].post(
+        "/api/v1/role-bindings", json=fill(binding("a-finance", role, scope), refs)
+    )
     expect(granted, 201)
     for case in rows(
         ("a-admin", "POST", "/api/v1/users/{u[a-finance]}/password", NEW_PASSWORD, 403),
@@ -386,11 +427,13 @@ def test_agency_admin_cannot_reset_password_of_own_user_holding_a_higher_or_fore
 
 # --- members --------------------------------------------------------------------------------------
 
+# fmt: off
 MEMBER = rows(
     # a-member's scope is system a1: a1 and what is homed there
     ("a-member", "GET", "/api/v1/tenants/{t[a1]}", None, 200),
     ("a-member", "PATCH", "/api/v1/tenants/{t[a1]}", RENAME, 403),
-    ("a-member", "PATCH", "/api/v1/tenants/{t[a1]}", SUSPEND, 404),  # status is the agency's
+    # status is decided one level up, at agency a, but a1 itself is visible: 403, not 404
+    ("a-member", "PATCH", "/api/v1/tenants/{t[a1]}", SUSPEND, 403),
     ("a-member", "DELETE", "/api/v1/tenants/{t[a1]}", None, 403),
     ("a-member", "GET", "/api/v1/users/{u[a1-staff]}", None, 200),
     ("a-member", "POST", "/api/v1/users", new_user("a1"), 403),
@@ -413,6 +456,7 @@ MEMBER = rows(
     ("b-member", "GET", "/api/v1/tenants/{t[b]}", None, 404),
     ("b-member", "GET", "/api/v1/tenants/{t[a1]}", None, 404),
 )
+# fmt: on
 
 
 @pytest.mark.parametrize("case", MEMBER)
@@ -423,12 +467,14 @@ def test_member_cannot_manage_users_or_tenants(case, clients, refs, db):
 # A member's own account is homed at agency a, outside its a1 scope — but the member can read it
 # (GET /users/<self> is 200), so refusing to manage it must be 403: a 404 would deny the existence
 # of an object the caller has just been shown.
+# fmt: off
 MEMBER_SELF = rows(
     ("a-member", "GET", "/api/v1/users/{u[a-member]}", None, 200),
     ("a-member", "PATCH", "/api/v1/users/{u[a-member]}", USER_EDIT, 403),
     ("a-member", "POST", "/api/v1/users/{u[a-member]}/password", NEW_PASSWORD, 403),
     ("a-member", "POST", "/api/v1/users/{u[a-member]}/unlock", None, 403),
 )
+# fmt: on
 
 
 @pytest.mark.parametrize("case", MEMBER_SELF)
@@ -440,6 +486,7 @@ def test_member_managing_own_account_through_admin_endpoints_gets_403_not_404(
 
 # --- auditors -------------------------------------------------------------------------------------
 
+# fmt: off
 AUDITOR_READS = rows(
     ("auditor", "GET", "/api/v1/tenants", None, 200),
     ("auditor", "GET", "/api/v1/tenants/{t[center]}", None, 200),
@@ -458,6 +505,7 @@ AUDITOR_READS = rows(
     ("a-auditor", "GET", "/api/v1/tenants/{t[b]}", None, 404),
     ("a-auditor", "GET", "/api/v1/users/{u[b-member]}", None, 404),
 )
+# fmt: on
 
 
 @pytest.mark.parametrize("case", AUDITOR_READS)
@@ -465,6 +513,7 @@ def test_auditor_reads_everything_in_scope(case, clients, refs, db):
     run(case, clients, refs, db)
 
 
+# fmt: off
 AUDITOR_WRITES = rows(
     ("auditor", "POST", "/api/v1/tenants", new_agency(), 403),
     ("auditor", "POST", "/api/v1/tenants", new_system("b"), 403),
@@ -486,6 +535,7 @@ AUDITOR_WRITES = rows(
     ("a-auditor", "POST", "/api/v1/role-bindings", binding("a-member", "member", "a2"), 403),
     ("a-auditor", "DELETE", "/api/v1/role-bindings/{rb[a-member]}", None, 403),
 )
+# fmt: on
 
 
 @pytest.mark.parametrize("case", AUDITOR_WRITES)
@@ -495,6 +545,7 @@ def test_auditor_gets_403_on_every_write(case, clients, refs, db):
 
 # --- finance --------------------------------------------------------------------------------------
 
+# fmt: off
 FINANCE = rows(
     ("finance", "GET", "/api/v1/tenants/{t[center]}", None, 200),
     ("finance", "GET", "/api/v1/tenants/{t[b1]}", None, 200),
@@ -524,6 +575,7 @@ FINANCE = rows(
     ("a-finance", "DELETE", "/api/v1/role-bindings/{rb[b-member]}", None, 404),
     ("a-finance", "GET", "/api/v1/audit-events", None, 403),
 )
+# fmt: on
 
 
 @pytest.mark.parametrize("case", FINANCE)
@@ -533,6 +585,7 @@ def test_finance_reads_tenants_but_manages_nothing_and_cannot_read_audit(case, c
 
 # --- the center administrator ---------------------------------------------------------------------
 
+# fmt: off
 CENTER_ADMIN = rows(
     ("admin", "POST", "/api/v1/tenants", new_agency(), 201),
     ("admin", "POST", "/api/v1/tenants", new_system("b"), 201),
@@ -554,6 +607,7 @@ CENTER_ADMIN = rows(
     ("admin", "DELETE", "/api/v1/role-bindings/{rb[auditor]}", None, 204),
     ("admin", "GET", "/api/v1/audit-events", None, 200),
 )
+# fmt: on
 
 
 @pytest.mark.parametrize("case", CENTER_ADMIN)
@@ -561,8 +615,168 @@ def test_center_admin_can_do_everything(case, clients, refs, db):
     run(case, clients, refs, db)
 
 
+# --- quotas ---------------------------------------------------------------------------------------
+
+VCPU_30 = {"limit": 30}
+FITS_1_VCPU = {"deltas": {"vcpu": 1}}
+
+
+def fit_check(at: str) -> dict[str, Any]:
+    return {"tenant_id": f"{{t[{at}]}}", **FITS_1_VCPU}
+
+
+# Reading quotas is common to every role in scope; a system's limit is split by its agency's
+# administrators, an agency's and the center's are set by center administrators.
+# fmt: off
+QUOTAS = rows(
+    *[(u, "GET", "/api/v1/resource-classes", None, 200) for u in ("a-member", "finance")],
+    ("admin", "PUT", "/api/v1/quotas/{t[b]}/vcpu", {"limit": 60}, 200),
+    ("admin", "PUT", "/api/v1/quotas/{t[a1]}/vcpu", {"limit": 30, "force": True}, 200),
+    ("auditor", "GET", "/api/v1/quotas/{t[b]}/vcpu", None, 200),
+    ("auditor", "GET", "/api/v1/tenants/{t[b]}/usage", None, 200),
+    ("auditor", "PUT", "/api/v1/quotas/{t[a1]}/vcpu", VCPU_30, 403),
+    ("auditor", "PUT", "/api/v1/quotas/{t[a]}/vcpu", VCPU_30, 403),
+    ("finance", "GET", "/api/v1/quotas/{t[a1]}/vcpu", None, 200),
+    ("finance", "POST", "/api/v1/quotas/check", fit_check("b"), 200),
+    ("finance", "PUT", "/api/v1/quotas/{t[a1]}/vcpu", VCPU_30, 403),
+    ("a-admin", "GET", "/api/v1/quotas", None, 200),
+    ("a-admin", "GET", "/api/v1/quotas/{t[a]}/vcpu", None, 200),
+    ("a-admin", "GET", "/api/v1/tenants/{t[a]}/usage", None, 200),
+    ("a-admin", "PUT", "/api/v1/quotas/{t[a1]}/vcpu", VCPU_30, 200),
+    ("a-admin", "PUT", "/api/v1/quotas/{t[a1]}/vcpu", {"limit": 30, "force": True}, 403),
+    # the agency's own limit is the center's to set; the agency is visible, so 403, not 404
+    ("a-admin", "PUT", "/api/v1/quotas/{t[a]}/vcpu", VCPU_30, 403),
+    ("a-admin", "GET", "/api/v1/quotas/{t[b]}/vcpu", None, 404),
+    ("a-admin", "PUT", "/api/v1/quotas/{t[b1]}/vcpu", VCPU_30, 404),
+    ("a-admin", "PUT", "/api/v1/quotas/{t[center]}/vcpu", VCPU_30, 404),
+    ("a-admin", "GET", "/api/v1/tenants/{t[b]}/usage", None, 404),
+    ("a-admin", "POST", "/api/v1/quotas/check", fit_check("b1"), 404),
+    ("a-member", "GET", "/api/v1/quotas/{t[a1]}/vcpu", None, 200),
+    ("a-member", "POST", "/api/v1/quotas/check", fit_check("a1"), 200),
+    ("a-member", "GET", "/api/v1/tenants/{t[a1]}/usage", None, 200),
+    # a1 is visible to its member, who may not split quota: 403, not 404
+    ("a-member", "PUT", "/api/v1/quotas/{t[a1]}/vcpu", VCPU_30, 403),
+    ("a-member", "GET", "/api/v1/quotas/{t[a]}/vcpu", None, 404),
+    ("b-member", "GET", "/api/v1/tenants/{t[a]}/usage", None, 404),
+)
+# fmt: on
+
+
+@pytest.mark.parametrize("case", QUOTAS)
+def test_quotas_are_read_in_scope_and_set_only_by_the_level_above(
+    case, quota_estate, clients, refs, db
+):
+    run(case, clients, refs, db)
+
+
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [
+        ("admin", {"center", "a", "a1", "b"}),
+        ("finance", {"center", "a", "a1", "b"}),
+        ("a-admin", {"a", "a1"}),
+        ("a-member", {"a1"}),
+        ("b-member", set()),
+    ],
+)
+def test_quota_list_shows_only_tenants_in_scope(user, expected, quota_estate, clients, refs):
+    resp = clients[user].get("/api/v1/quotas")
+    expect(resp, 200)
+    assert {q["tenant_code"] for q in resp.json()["data"]} == expected
+
+
+# --- quota change requests: an agency asks, the center decides ------------------------------------
+
+MORE_VCPU = {"changes": {"vcpu": 10}, "justification": "new tax system goes live"}
+
+
+def ask(at: str) -> dict[str, Any]:
+    return {"tenant_id": f"{{t[{at}]}}", **MORE_VCPU}
+
+
+@pytest.fixture
+def qr_refs(refs, quota_estate, db) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """refs plus {qr[a]} and {qr[b]}: a pending request of each agency, each with an attachment."""
+    ids = {}
+    with db.unit_of_work() as s:
+        for agency in ("a", "b"):
+            asker = auth.load_principal(
+                s, s.get(User, quota_estate.uid(f"{agency}-admin")), method="session"
+            )
+            req = quota_requests.create(
+                s,
+                asker,
+                tenant_id=quota_estate.tid(agency),
+                changes={"vcpu": 10},
+                justification="capacity for the new system",
+            )
+            quota_requests.attach(
+                s,
+                asker,
+                req.id,
+                filename="memo.pdf",
+                content_type="application/pdf",
+                content=b"%PDF-1.4 memo",
+            )
+            ids[agency] = str(req.id)
+    return {**refs, "qr": ids}
+
+
+# fmt: off
+QUOTA_REQUESTS = rows(
+    ("a-admin", "GET", "/api/v1/quota-requests", None, 200),
+    ("a-admin", "POST", "/api/v1/quota-requests", ask("a"), 201),
+    ("a-admin", "GET", "/api/v1/quota-requests/{qr[a]}", None, 200),
+    ("a-admin", "GET", "/api/v1/quota-requests/{qr[a]}/attachment", None, 200),
+    ("a-admin", "PUT", "/api/v1/quota-requests/{qr[a]}/attachment", UPLOAD, 200),
+    ("a-admin", "POST", "/api/v1/quota-requests/{qr[a]}/withdraw", None, 200),
+    # deciding is the center's, and the request is visible: 403
+    ("a-admin", "POST", "/api/v1/quota-requests/{qr[a]}/approve", {}, 403),
+    ("a-admin", "POST", "/api/v1/quota-requests/{qr[a]}/reject", {"reason": "no"}, 403),
+    # agency B's request does not exist for agency A
+    ("a-admin", "POST", "/api/v1/quota-requests", ask("b"), 422, "tenant_id"),
+    ("a-admin", "GET", "/api/v1/quota-requests/{qr[b]}", None, 404),
+    ("a-admin", "GET", "/api/v1/quota-requests/{qr[b]}/attachment", None, 404),
+    ("a-admin", "PUT", "/api/v1/quota-requests/{qr[b]}/attachment", UPLOAD, 404),
+    ("a-admin", "POST", "/api/v1/quota-requests/{qr[b]}/withdraw", None, 404),
+    ("a-admin", "POST", "/api/v1/quota-requests/{qr[b]}/approve", {}, 404),
+    ("a-admin", "POST", "/api/v1/quota-requests/{qr[b]}/reject", {"reason": "no"}, 404),
+    ("a-member", "GET", "/api/v1/quota-requests/{qr[a]}", None, 404),
+    ("a-member", "POST", "/api/v1/quota-requests", ask("a"), 422, "tenant_id"),
+    ("a-finance", "GET", "/api/v1/quota-requests/{qr[a]}", None, 200),
+    ("a-finance", "POST", "/api/v1/quota-requests", ask("a"), 403),
+    ("a-finance", "PUT", "/api/v1/quota-requests/{qr[a]}/attachment", UPLOAD, 403),
+    ("a-finance", "POST", "/api/v1/quota-requests/{qr[a]}/withdraw", None, 403),
+    ("auditor", "GET", "/api/v1/quota-requests/{qr[b]}", None, 200),
+    ("auditor", "GET", "/api/v1/quota-requests/{qr[b]}/attachment", None, 200),
+    ("auditor", "POST", "/api/v1/quota-requests", ask("a"), 403),
+    ("auditor", "POST", "/api/v1/quota-requests/{qr[b]}/withdraw", None, 403),
+    ("auditor", "POST", "/api/v1/quota-requests/{qr[b]}/approve", {}, 403),
+    ("auditor", "POST", "/api/v1/quota-requests/{qr[b]}/reject", {"reason": "no"}, 403),
+    ("admin", "POST", "/api/v1/quota-requests/{qr[a]}/approve", {}, 200),
+    ("admin", "POST", "/api/v1/quota-requests/{qr[b]}/reject", {"reason": "not this year"}, 200),
+)
+# fmt: on
+
+
+@pytest.mark.parametrize("case", QUOTA_REQUESTS)
+def test_agencies_ask_for_quota_and_only_the_center_decides(case, qr_refs, clients, db):
+    run(case, clients, qr_refs, db)
+
+
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [("admin", {"a", "b"}), ("finance", {"a", "b"}), ("a-admin", {"a"}), ("b-member", set())],
+)
+def test_quota_request_list_shows_only_requests_in_scope(user, expected, qr_refs, clients):
+    agency_of = {qr_refs["t"][c]: c for c in ("a", "b")}
+    got = _all_pages(clients[user], "/api/v1/quota-requests", "tenant_id")
+    assert {agency_of[t] for t in got} == expected
+
+
 # --- the caller's own account and tokens: every role, nobody else's -------------------------------
 
+# fmt: off
 SELF_SERVICE = rows(
     *[(u, "GET", "/api/v1/me", None, 200) for u, *_ in ESTATE_USERS],
     *[(u, "GET", "/api/v1/tokens", None, 200) for u, *_ in ESTATE_USERS],
@@ -576,6 +790,7 @@ SELF_SERVICE = rows(
     ("admin", "DELETE", "/api/v1/tokens/{tok[b-member]}", None, 404),
     ("b-member", "DELETE", "/api/v1/tokens/{tok[b-member]}", None, 204),
 )
+# fmt: on
 
 
 @pytest.mark.parametrize("case", SELF_SERVICE)
@@ -587,10 +802,8 @@ def test_every_role_manages_its_own_account_and_tokens_only(case, clients, refs,
         assert case.user == "b-member" or refs["tok"]["b-member"] not in resp.text
 
 
-@pytest.mark.parametrize(
-    "user, own", [("a-member", "a1"), ("finance", "center"), ("b-member", "b1")]
-)
-def test_everyone_can_read_their_own_role_bindings(user, own, clients, refs, db):
+@pytest.mark.parametrize("user", ["a-member", "finance", "b-member"])
+def test_everyone_can_read_their_own_role_bindings(user, clients, refs, db):
     """The list shows a caller its own bindings whatever its role; reading one by id must agree."""
     listed = clients[user].get("/api/v1/role-bindings")
     expect(listed, 200)
@@ -606,7 +819,8 @@ def _all_pages(client: Any, path: str, key: str, **params: Any) -> list[Any]:
     empty pages, so every page must carry exactly one row until the cursor runs out."""
     seen, cursor = [], None
     while True:
-        resp = client.get(path, params={**params, "limit": 1, **({"cursor": cursor} if cursor else {})})
+        page_params = {**params, "limit": 1} | ({"cursor": cursor} if cursor else {})
+        resp = client.get(path, params=page_params)
         expect(resp, 200)
         page = resp.json()
         if page["next_cursor"] is not None:
@@ -622,7 +836,7 @@ ALL_USERS = sorted([u for u, *_ in ESTATE_USERS] + ["a1-staff"])
 
 
 @pytest.mark.parametrize(
-    "user, expected",
+    ("user", "expected"),
     [
         ("admin", ALL_USERS),
         ("auditor", ALL_USERS),
@@ -641,7 +855,7 @@ def test_user_list_shows_only_users_homed_where_the_caller_may_read_users(
 
 
 @pytest.mark.parametrize(
-    "user, expected",
+    ("user", "expected"),
     [
         ("admin", ["a", "a1", "a2", "b", "b1", "center"]),
         ("auditor", ["a", "a1", "a2", "b", "b1", "center"]),
@@ -657,7 +871,7 @@ def test_tenant_list_shows_only_tenants_in_scope(user, expected, clients, refs):
 
 
 @pytest.mark.parametrize(
-    "user, expected",
+    ("user", "expected"),
     [
         ("a-admin", A_USERS),
         ("auditor", ALL_USERS),
@@ -690,15 +904,30 @@ def test_agency_auditor_sees_only_audit_events_of_its_agency(clients, refs):
 _SAMPLE_BODY: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/api/v1/me/password"): {"current_password": "x", "new_password": "y"},
     ("POST", "/api/v1/tokens"): {"name": "t"},
-    ("POST", "/api/v1/tenants"): {"parent_id": str(uuid.uuid4()), "kind": "agency", "code": "x",
-                                  "name_zh": "x"},
+    ("POST", "/api/v1/tenants"): {
+        "parent_id": str(uuid.uuid4()),
+        "kind": "agency",
+        "code": "x",
+        "name_zh": "x",
+    },
     ("PATCH", "/api/v1/tenants/{tenant_id}"): RENAME,
-    ("POST", "/api/v1/users"): {"username": "someone", "display_name": "x",
-                                "tenant_id": str(uuid.uuid4())},
+    ("POST", "/api/v1/users"): {
+        "username": "someone",
+        "display_name": "x",
+        "tenant_id": str(uuid.uuid4()),
+    },
     ("PATCH", "/api/v1/users/{user_id}"): USER_EDIT,
     ("POST", "/api/v1/users/{user_id}/password"): NEW_PASSWORD,
-    ("POST", "/api/v1/role-bindings"): {"user_id": str(uuid.uuid4()), "role": "member",
-                                        "tenant_id": str(uuid.uuid4())},
+    ("PUT", "/api/v1/quotas/{tenant_id}/{resource_class}"): VCPU_30,
+    ("POST", "/api/v1/quotas/check"): {"tenant_id": str(uuid.uuid4()), **FITS_1_VCPU},
+    ("POST", "/api/v1/quota-requests"): {"tenant_id": str(uuid.uuid4()), **MORE_VCPU},
+    ("POST", "/api/v1/quota-requests/{request_id}/approve"): {},
+    ("POST", "/api/v1/quota-requests/{request_id}/reject"): {"reason": "no"},
+    ("POST", "/api/v1/role-bindings"): {
+        "user_id": str(uuid.uuid4()),
+        "role": "member",
+        "tenant_id": str(uuid.uuid4()),
+    },
 }
 NEEDS_AUTH = [e for e in API_ENDPOINTS if e != ("POST", "/api/v1/auth/login")]
 
@@ -707,13 +936,16 @@ def _concrete(path: str) -> str:
     return re.sub(r"\{[a-z_]+\}", str(uuid.uuid4()), path)
 
 
-@pytest.mark.parametrize("credential", [None, "Bearer not-a-token", "Bearer gbk_unknown", "Basic eDp5"])
-@pytest.mark.parametrize("method, path", NEEDS_AUTH, ids=[f"{m} {p}" for m, p in NEEDS_AUTH])
+@pytest.mark.parametrize(
+    "credential", [None, "Bearer not-a-token", "Bearer gbk_unknown", "Basic eDp5"]
+)
+@pytest.mark.parametrize(("method", "path"), NEEDS_AUTH, ids=[f"{m} {p}" for m, p in NEEDS_AUTH])
 def test_unauthenticated_requests_get_401_with_www_authenticate(method, path, credential, app, db):
     client = TestClient(app, raise_server_exceptions=True)
     headers = {"Authorization": credential} if credential else {}
-    resp = client.request(method, _concrete(path), json=_SAMPLE_BODY.get((method, path)),
-                          headers=headers)
+    resp = client.request(
+        method, _concrete(path), json=_SAMPLE_BODY.get((method, path)), headers=headers
+    )
     expect(resp, 401)
     assert resp.headers["www-authenticate"].lower().startswith("bearer")
 
@@ -721,15 +953,18 @@ def test_unauthenticated_requests_get_401_with_www_authenticate(method, path, cr
 @pytest.mark.parametrize("path", [p for _, p in PROBE_ENDPOINTS])
 def test_probes_and_metrics_need_no_authentication(path, anon, db):
     resp = anon.get(path)
-    # /readyz may honestly say 503 (not ready) — but never ask who is calling
-    assert resp.status_code in ((200, 503) if path == "/readyz" else (200,)), resp.text
+    assert resp.status_code == 200, resp.text
     assert "www-authenticate" not in resp.headers
     assert not resp.headers["content-type"].startswith(PROBLEM)
 
 
 def test_login_needs_no_authentication_and_its_token_works(clients, anon):
-    expect(clients["admin"].post(f"/api/v1/users/{clients.estate.uid('a-member')}/password",
-                                 json={"password": PASSWORD}), 200)
+    expect(
+        clients["admin"].post(
+            f"/api/v1/users/{clients.estate.uid('a-member')}/password", json={"password": PASSWORD}
+        ),
+        200,
+    )
     resp = anon.post("/api/v1/auth/login", json={"username": "a-member", "password": PASSWORD})
     expect(resp, 200)
     token = resp.json()["access_token"]
@@ -744,22 +979,32 @@ def test_login_needs_no_authentication_and_its_token_works(clients, anon):
 # --- the matrix is complete -----------------------------------------------------------------------
 
 ROLE_TABLES = [
-    OTHER_AGENCY_OBJECTS, PLACING_INTO_OTHER_AGENCY, AGENCY_ADMIN_OWN_AGENCY, ESCALATION, MEMBER,
-    MEMBER_SELF, AUDITOR_READS, AUDITOR_WRITES, FINANCE, CENTER_ADMIN, SELF_SERVICE,
+    OTHER_AGENCY_OBJECTS,
+    PLACING_INTO_OTHER_AGENCY,
+    AGENCY_ADMIN_OWN_AGENCY,
+    ESCALATION,
+    MEMBER,
+    MEMBER_SELF,
+    AUDITOR_READS,
+    AUDITOR_WRITES,
+    FINANCE,
+    CENTER_ADMIN,
+    QUOTAS,
+    QUOTA_REQUESTS,
+    SELF_SERVICE,
 ]
 
 
 def _template_regex(route_path: str) -> re.Pattern[str]:
     parts = re.split(r"\{[a-z_]+\}", route_path)
-    return re.compile(r"\{[^/}]+\}".join(re.escape(p) for p in parts) + "$")
+    return re.compile("[^/]+".join(re.escape(p) for p in parts) + "$")
 
 
 def test_matrix_covers_every_endpoint(app):
     """Every route the app serves is listed above, and every /api/v1 route but login is exercised
     by some role in the matrix (login has its own test)."""
-    served = {
-        (m, r.path) for r in app.routes if isinstance(r, APIRoute) for m in r.methods
-    }
+    # the OpenAPI document lists every route, however the routers are nested
+    served = {(m.upper(), path) for path, ops in app.openapi()["paths"].items() for m in ops}
     assert served == set(API_ENDPOINTS) | set(PROBE_ENDPOINTS)
     exercised = {(p.values[0].method, p.values[0].path) for table in ROLE_TABLES for p in table}
     for method, route in NEEDS_AUTH:

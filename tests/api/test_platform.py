@@ -65,8 +65,15 @@ def test_unknown_routes_count_under_one_label(anon):
 
 def test_openapi_document_is_served_at_api_openapi_json(anon):
     spec = anon.get("/api/openapi.json").json()
-    for path in ("/api/v1/tenants", "/api/v1/users", "/api/v1/role-bindings", "/api/v1/tokens",
-                 "/api/v1/me", "/api/v1/audit-events", "/api/v1/auth/login"):
+    for path in (
+        "/api/v1/tenants",
+        "/api/v1/users",
+        "/api/v1/role-bindings",
+        "/api/v1/tokens",
+        "/api/v1/me",
+        "/api/v1/audit-events",
+        "/api/v1/auth/login",
+    ):
         assert path in spec["paths"]
 
 
@@ -103,8 +110,10 @@ def test_audit_events_record_request_id_and_client_ip(clients, estate, db):
     )
     assert resp.status_code == 200
     row = db.connection.execute(
-        text("SELECT action, request_id, client_ip, actor_name FROM audit_event "
-             "WHERE request_id = 'req-audit-1'")
+        text(
+            "SELECT action, request_id, client_ip, actor_name FROM audit_event "
+            "WHERE request_id = 'req-audit-1'"
+        )
     ).one()
     assert row.action == "tenant.update"
     assert row.actor_name == "admin"

@@ -37,13 +37,17 @@ def test_migrate_brings_a_new_database_to_head(tmp_path, use_database):
 
 def test_create_admin_creates_center_user_and_binding(committed_db, use_database):
     use_database(committed_db.url)
-    result = runner.invoke(app, ["create-admin", "--username", "root1", "--password", "Str0ng-Passw0rd!"])
+    result = runner.invoke(
+        app, ["create-admin", "--username", "root1", "--password", "Str0ng-Passw0rd!"]
+    )
     assert result.exit_code == 0, result.output
     with committed_db.unit_of_work(write=False) as s:
         user = s.execute(select(User).where(User.username == "root1")).scalar_one()
         roles = s.execute(select(RoleBinding.role).where(RoleBinding.user_id == user.id)).scalars()
         assert list(roles) == ["center_admin"]
-    again = runner.invoke(app, ["create-admin", "--username", "root1", "--password", "Str0ng-Passw0rd!"])
+    again = runner.invoke(
+        app, ["create-admin", "--username", "root1", "--password", "Str0ng-Passw0rd!"]
+    )
     assert again.exit_code == 2
     assert "taken" in again.output
 

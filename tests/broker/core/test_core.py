@@ -70,7 +70,9 @@ def test_key_rotation_decrypts_old_ciphertext(tmp_path):
 
 
 def test_decrypting_with_the_wrong_key_is_a_clear_error(tmp_path):
-    token = crypto.encrypt("x", Settings(var_dir=tmp_path, fernet_key=Fernet.generate_key().decode()))
+    token = crypto.encrypt(
+        "x", Settings(var_dir=tmp_path, fernet_key=Fernet.generate_key().decode())
+    )
     other = Settings(var_dir=tmp_path, fernet_key=Fernet.generate_key().decode())
     with pytest.raises(Unavailable, match="cannot be decrypted"):
         crypto.decrypt(token, other)
@@ -118,7 +120,9 @@ def test_cursor_round_trips_its_values(values):
     assert decode_cursor(encode_cursor(*values), kinds) == values
 
 
-@pytest.mark.parametrize("garbage", ["", "!!!", "bm90IGpzb24", encode_cursor("a", "b"), encode_cursor(1)])
+@pytest.mark.parametrize(
+    "garbage", ["", "!!!", "bm90IGpzb24", encode_cursor("a", "b"), encode_cursor(1)]
+)
 def test_cursor_garbage_is_an_invalid_cursor_field(garbage):
     with pytest.raises(Invalid) as info:
         decode_cursor(garbage, [str])
@@ -126,7 +130,9 @@ def test_cursor_garbage_is_an_invalid_cursor_field(garbage):
 
 
 def test_binding_covers_its_tenant_and_descendants_only():
-    p = Principal(user_id=uuid.uuid4(), username="u", grants=(Grant(Role.agency_admin, None, "/c/a/"),))
+    p = Principal(
+        user_id=uuid.uuid4(), username="u", grants=(Grant(Role.agency_admin, None, "/c/a/"),)
+    )
     assert p.can("system.manage", "/c/a/")
     assert p.can("system.manage", "/c/a/s1/")
     assert not p.can("system.manage", "/c/b/")
