@@ -39,7 +39,9 @@ def create_app(db: SessionSource | None = None) -> FastAPI:
         version=__version__,
         summary="Control plane for e-government clouds (电子政务云)",
         openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        # the stock docs pages load their scripts from a CDN, and the product runs on intranets
+        # with none: the OpenAPI document is served, an intranet's own viewer can render it
+        docs_url=None,
         redoc_url=None,
     )
     app.state.db = db if db is not None else get_database()

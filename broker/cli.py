@@ -311,7 +311,9 @@ def demo(
         for p in people:
             typer.echo(f"{p.username:<16} {p.role:<14} {p.scope}")
     typer.echo(f"\nevery demo user's password: {demo_data.DEMO_PASSWORD}")
-    typer.echo(f"API: http://{settings.bind}/api/v1   docs: http://{settings.bind}/api/docs")
+    typer.echo(
+        f"API: http://{settings.bind}/api/v1   OpenAPI: http://{settings.bind}/api/openapi.json"
+    )
     if serve_after:
         settings.session_secret()
         settings.fernet_keys()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, case, delete, func, insert, update
+from sqlalchemy import bindparam, delete, func, insert, text, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -156,7 +156,7 @@ _PATH_STMT = (
 
 
 def _path(session: Session, tenant_id: uuid.UUID) -> Path:
-    found = session.execute(_PATH_STMT, {"tid": tenant_id}).first()
+    found = session.connection().execute(_PATH_STMT, {"tid": tenant_id}).first()
     if found is None:
         raise NotFound(f"tenant {tenant_id} not found")
     tenant = Level(*found[:4])
@@ -267,7 +267,7 @@ def _insert_ignore(session: Session, rows: list[dict[str, object]]) -> None:
         .values(rows)
         .on_conflict_do_nothing(index_elements=["tenant_id", "resource_class"])
     )
-    session.execute(stmt)
+    session.connection().execute(stmt)
 
 
 def lock_rows(
@@ -280,7 +280,7 @@ def lock_rows(
     classes = sorted(set(classes))
 
     def fetch(tenant_ids: list[uuid.UUID]) -> Rows:
-        result = session.execute(_LOCK_STMT, {"tids": tenant_ids, "classes": classes})
+        result = session.connection().execute(_LOCK_STMT, {"tids": tenant_ids, "classes": classes})
         return {(r[1], r[2]): QuotaRow(*r) for r in result}
 
     rows = fetch([t.id for t in path.levels])
@@ -359,6 +359,75 @@ def limit_states(
     return states
 
 
+def _is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+_MOVE_COUNTERS = (
+    update(_QUOTA)
+    .where(_QUOTA.c.id == bindparam("qid"))
+    .values(
+        committed=_QUOTA.c.committed + bindparam("dc"),
+        reserved=_QUOTA.c.reserved + bindparam("dr"),
+        updated_at=bindparam("now"),
+    )
+)
+_PG_MOVE_COUNTERS = text(
+    "UPDATE quota SET committed = quota.committed + d.dc, reserved = quota.reserved + d.dr, "
+    "updated_at = :now "
+    "FROM unnest(CAST(:ids AS uuid[]), CAST(:dcs AS bigint[]), CAST(:drs AS bigint[])) "
+    "AS d(id, dc, dr) WHERE quota.id = d.id"
+)
+_INSERT_ALLOCATION = insert(_ALLOCATION)
+_PG_INSERT_ALLOCATIONS = text(
+    "INSERT INTO allocation (id, reservation_id, tenant_id, agency_id, resource_class, amount, "
+    "state, owner_ref, expires_at, created_at) "
+    "SELECT a.id, :rid, :tid, :aid, a.rc, a.amount, 'reserved', :owner, :expires, :now "
+    "FROM unnest(CAST(:ids AS uuid[]), CAST(:rcs AS varchar[]), CAST(:amounts AS bigint[])) "
+    "AS a(id, rc, amount)"
+)
+
+
+def _insert_allocations(
+    session: Session, reservation: Mapping[str, Any], amounts: list[tuple[str, int]]
+) -> None:
+    ids = [uuid.uuid4() for _ in amounts]
+    if _is_postgres(session):
+        session.connection().execute(
+            _PG_INSERT_ALLOCATIONS,
+            {
+                "rid": reservation["id"],
+                "tid": reservation["tenant_id"],
+                "aid": reservation["agency_id"],
+                "owner": reservation["owner_ref"],
+                "expires": reservation["expires_at"],
+                "now": reservation["created_at"],
+                "ids": ids,
+                "rcs": [c for c, _ in amounts],
+                "amounts": [a for _, a in amounts],
+            },
+        )
+        return
+    session.connection().execute(
+        _INSERT_ALLOCATION,
+        [
+            {
+                "id": aid,
+                "reservation_id": reservation["id"],
+                "tenant_id": reservation["tenant_id"],
+                "agency_id": reservation["agency_id"],
+                "resource_class": code,
+                "amount": amount,
+                "state": RESERVED,
+                "owner_ref": reservation["owner_ref"],
+                "expires_at": reservation["expires_at"],
+                "created_at": reservation["created_at"],
+            }
+            for aid, (code, amount) in zip(ids, amounts, strict=True)
+        ],
+    )
+
+
 def _move_counters(
     session: Session, rows: Rows, path: Path, changes: Iterable[tuple[str, int]], transition: str
 ) -> None:
@@ -381,18 +450,25 @@ def _move_counters(
                 )
     if not delta:
         return
-    # one statement for every row (executemany would cost a round trip per row)
-    session.execute(
-        update(_QUOTA)
-        .where(_QUOTA.c.id.in_(list(delta)))
-        .values(
-            committed=_QUOTA.c.committed
-            + case({qid: d[0] for qid, d in delta.items()}, value=_QUOTA.c.id, else_=0),
-            reserved=_QUOTA.c.reserved
-            + case({qid: d[1] for qid, d in delta.items()}, value=_QUOTA.c.id, else_=0),
-            updated_at=clock.now(),
+    now = clock.now()
+    if _is_postgres(session):
+        # one round trip for every row, as arrays
+        ids = list(delta)
+        session.connection().execute(
+            _PG_MOVE_COUNTERS,
+            {
+                "ids": ids,
+                "dcs": [delta[i][0] for i in ids],
+                "drs": [delta[i][1] for i in ids],
+                "now": now,
+            },
         )
-    )
+    else:
+        # SQLite runs in-process: a prepared executemany costs no round trips
+        session.connection().execute(
+            _MOVE_COUNTERS,
+            [{"qid": qid, "dc": dc, "dr": dr, "now": now} for qid, (dc, dr) in delta.items()],
+        )
 
 
 # --- operations --------------------------------------------------------------------------------
@@ -475,7 +551,7 @@ def reserve(
         "created_by": actor,
     }
     dialect = session.get_bind().dialect.name
-    if session.execute(_insert_reservation_stmt(dialect), values).first() is None:
+    if session.connection().execute(_insert_reservation_stmt(dialect), values).first() is None:
         existing = session.execute(_BY_REF_STMT, {"ref": ref}).scalars().one()
         if existing.tenant_id != tenant_id or amounts(session, existing.id) != clean:
             raise Conflict.field("ref", f"reservation {ref!r} exists with other amounts", "reused")
@@ -496,29 +572,9 @@ def reserve(
     except (QuotaExceeded, Invalid):
         # the row went in first to settle idempotency; a refusal takes it back out, so a caller
         # that catches the error and carries on in the same transaction holds nothing
-        session.execute(delete(_RESERVATION).where(_RESERVATION.c.id == values["id"]))
+        session.connection().execute(delete(_RESERVATION).where(_RESERVATION.c.id == values["id"]))
         raise
-    session.execute(
-        insert(_ALLOCATION).values(
-            [
-                {
-                    "id": uuid.uuid4(),
-                    "reservation_id": values["id"],
-                    "tenant_id": tenant_id,
-                    "agency_id": path.agency.id,
-                    "resource_class": code,
-                    "amount": amount,
-                    "state": RESERVED,
-                    "owner_ref": owner_ref,
-                    "expires_at": values["expires_at"],
-                    "created_at": now,
-                    "committed_at": None,
-                    "released_at": None,
-                }
-                for code, amount in sorted(clean.items())
-            ]
-        )
-    )
+    _insert_allocations(session, values, sorted(clean.items()))
     _move_counters(session, rows, path, sorted(clean.items()), "reserve")
     return Reservation(**values)
 
@@ -559,7 +615,8 @@ def _lock_reservation(
     found = _find(session, reservation)
     path = _path(session, found.tenant_id)
     classes = (
-        session.execute(
+        session.connection()
+        .execute(
             sa_select(_ALLOCATION.c.resource_class).where(_ALLOCATION.c.reservation_id == found.id)
         )
         .scalars()
@@ -574,7 +631,7 @@ def _lock_reservation(
     ).scalar_one()
     held = [
         _Held(r.id, r.resource_class, r.amount, r.state)
-        for r in session.execute(
+        for r in session.connection().execute(
             sa_select(
                 _ALLOCATION.c.id,
                 _ALLOCATION.c.resource_class,
@@ -597,7 +654,9 @@ def _settle(
     values: dict[str, object] = {"state": state, stamp: now}
     if owner_ref is not None:
         values["owner_ref"] = owner_ref
-    session.execute(update(_ALLOCATION).where(_ALLOCATION.c.id.in_(ids)).values(**values))
+    session.connection().execute(
+        update(_ALLOCATION).where(_ALLOCATION.c.id.in_(ids)).values(**values)
+    )
 
 
 def commit(
@@ -645,7 +704,8 @@ def release(session: Session, reservation: uuid.UUID | str) -> Reservation:
 def release_owner(session: Session, owner_ref: str) -> int:
     """Release every committed allocation held for `owner_ref` (a deleted server); returns count."""
     tenants = (
-        session.execute(
+        session.connection()
+        .execute(
             sa_select(_ALLOCATION.c.tenant_id)
             .where(_ALLOCATION.c.owner_ref == owner_ref, _ALLOCATION.c.state == COMMITTED)
             .distinct()
@@ -658,7 +718,8 @@ def release_owner(session: Session, owner_ref: str) -> int:
     for tenant_id in sorted(tenants, key=str):
         path = _path(session, tenant_id)
         classes = (
-            session.execute(
+            session.connection()
+            .execute(
                 sa_select(_ALLOCATION.c.resource_class)
                 .where(_ALLOCATION.c.owner_ref == owner_ref, _ALLOCATION.c.tenant_id == tenant_id)
                 .distinct()
@@ -668,15 +729,19 @@ def release_owner(session: Session, owner_ref: str) -> int:
         )
         rows = lock_rows(session, path, classes, create_tenant_rows=False)
         # read again under the locks: a concurrent release may have taken some already
-        held = session.execute(
-            sa_select(_ALLOCATION.c.id, _ALLOCATION.c.resource_class, _ALLOCATION.c.amount)
-            .where(
-                _ALLOCATION.c.owner_ref == owner_ref,
-                _ALLOCATION.c.state == COMMITTED,
-                _ALLOCATION.c.tenant_id == tenant_id,
+        held = (
+            session.connection()
+            .execute(
+                sa_select(_ALLOCATION.c.id, _ALLOCATION.c.resource_class, _ALLOCATION.c.amount)
+                .where(
+                    _ALLOCATION.c.owner_ref == owner_ref,
+                    _ALLOCATION.c.state == COMMITTED,
+                    _ALLOCATION.c.tenant_id == tenant_id,
+                )
+                .order_by(_ALLOCATION.c.amount)
             )
-            .order_by(_ALLOCATION.c.amount)
-        ).all()
+            .all()
+        )
         _move_counters(
             session, rows, path, [(h.resource_class, h.amount) for h in held], "release_committed"
         )

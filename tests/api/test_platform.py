@@ -118,3 +118,10 @@ def test_audit_events_record_request_id_and_client_ip(clients, estate, db):
     assert row.action == "tenant.update"
     assert row.actor_name == "admin"
     assert row.client_ip == "testclient"
+
+
+def test_no_page_loads_assets_from_the_internet(anon):
+    """Intranets have no CDN: the docs pages that would load one are not served."""
+    assert anon.get("/api/docs").status_code == 404
+    assert anon.get("/api/redoc").status_code == 404
+    assert "cdn" not in anon.get("/api/openapi.json").text.lower()
