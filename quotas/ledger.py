@@ -236,7 +236,8 @@ _LOCK_STMT = (
         _QUOTA.c.tenant_id.in_(bindparam("tids", expanding=True)),
         _QUOTA.c.resource_class.in_(bindparam("classes", expanding=True)),
     )
-    .order_by(_QUOTA.c.depth, _QUOTA.c.resource_class)
+    # one total order for every locker, also those spanning several agencies (sweeps)
+    .order_by(_QUOTA.c.depth, _QUOTA.c.resource_class, _QUOTA.c.tenant_id)
     .with_for_update()
 )
 _BY_REF_STMT = select(Reservation).where(Reservation.ref == bindparam("ref"))
@@ -259,12 +260,30 @@ def _insert_reservation_stmt(dialect: str) -> Any:
 Rows = dict[tuple[uuid.UUID, str], QuotaRow]
 
 
-def _insert_ignore(session: Session, rows: list[dict[str, object]]) -> None:
+def insert_quota_rows(session: Session, keys: list[tuple[uuid.UUID, str, int]]) -> None:
+    """Create (tenant, class, depth) quota rows without a limit, keeping any that exist."""
+    now = clock.now()
     dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    insert_for = pg_insert if dialect == "postgresql" else sqlite_insert
     stmt = (
-        insert(_QUOTA)
-        .values(rows)
+        insert_for(_QUOTA)
+        .values(
+            [
+                {
+                    "id": uuid.uuid4(),
+                    "tenant_id": tid,
+                    "resource_class": rc,
+                    "depth": depth,
+                    "hard_limit": None,
+                    "valid_from": now,
+                    "committed": 0,
+                    "reserved": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for tid, rc, depth in keys
+            ]
+        )
         .on_conflict_do_nothing(index_elements=["tenant_id", "resource_class"])
     )
     session.connection().execute(stmt)
@@ -287,25 +306,8 @@ def lock_rows(
     if create_tenant_rows and path.tenant.kind == TenantKind.system:
         missing = [c for c in classes if (path.tenant.id, c) not in rows]
         if missing:
-            now = clock.now()
-            _insert_ignore(
-                session,
-                [
-                    {
-                        "id": uuid.uuid4(),
-                        "tenant_id": path.tenant.id,
-                        "resource_class": c,
-                        "depth": DEPTH[path.tenant.kind],
-                        "hard_limit": None,
-                        "valid_from": now,
-                        "committed": 0,
-                        "reserved": 0,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                    for c in missing
-                ],
-            )
+            depth = DEPTH[path.tenant.kind]
+            insert_quota_rows(session, [(path.tenant.id, c, depth) for c in missing])
             rows.update(fetch([path.tenant.id]))
     return rows
 
@@ -569,6 +571,8 @@ def reserve(
                     f"cannot shrink by {-amount}: only {held} is committed here",
                     "below_zero",
                 )
+        if owner_ref is not None and any(a < 0 for a in clean.values()):
+            _check_owner_shrink(session, owner_ref, clean)
     except (QuotaExceeded, Invalid):
         # the row went in first to settle idempotency; a refusal takes it back out, so a caller
         # that catches the error and carries on in the same transaction holds nothing
@@ -577,6 +581,30 @@ def reserve(
     _insert_allocations(session, values, sorted(clean.items()))
     _move_counters(session, rows, path, sorted(clean.items()), "reserve")
     return Reservation(**values)
+
+
+_OWNER_NET = (
+    sa_select(_ALLOCATION.c.resource_class, func.sum(_ALLOCATION.c.amount))
+    .where(
+        _ALLOCATION.c.owner_ref == bindparam("owner"),
+        (_ALLOCATION.c.state == COMMITTED)
+        | ((_ALLOCATION.c.state == RESERVED) & (_ALLOCATION.c.amount < 0)),
+    )
+    .group_by(_ALLOCATION.c.resource_class)
+)
+
+
+def _check_owner_shrink(session: Session, owner_ref: str, clean: Mapping[str, int]) -> None:
+    """A server cannot shrink below nothing, counting shrinks still pending: otherwise giving its
+    allocations back together could raise usage."""
+    net: dict[str, int] = dict(session.connection().execute(_OWNER_NET, {"owner": owner_ref}).all())
+    for code, amount in clean.items():
+        if amount < 0 and int(net.get(code) or 0) + amount < 0:
+            raise Invalid.field(
+                f"deltas.{code}",
+                f"cannot shrink {owner_ref} by {-amount}: it holds {int(net.get(code) or 0)}",
+                "below_zero",
+            )
 
 
 def amounts(session: Session, reservation_id: uuid.UUID) -> dict[str, int]:
@@ -682,12 +710,20 @@ def commit(
 
 
 def release(session: Session, reservation: uuid.UUID | str) -> Reservation:
-    """Give back everything a reservation still holds, reserved or committed; idempotent."""
+    """Give back everything a reservation still holds, reserved or committed; idempotent.
+
+    A committed shrink cannot be given back on its own: that would raise usage without a check.
+    It goes with the rest of its owner's allocations (release_owner).
+    """
     res, path, rows, held = _lock_reservation(session, reservation)
     now = clock.now()
     reserved = [h for h in held if h.state == RESERVED]
-    # shrinks first: giving one back raises committed, so no counter dips below zero on the way
-    committed = sorted((h for h in held if h.state == COMMITTED), key=lambda h: h.amount)
+    committed = [h for h in held if h.state == COMMITTED]
+    if any(h.amount < 0 for h in committed):
+        raise Conflict(
+            f"reservation {res.ref} is a committed shrink; release its owner's allocations "
+            "together instead"
+        )
     _move_counters(
         session, rows, path, [(h.resource_class, h.amount) for h in reserved], "release_reserved"
     )
@@ -701,79 +737,102 @@ def release(session: Session, reservation: uuid.UUID | str) -> Reservation:
     return res
 
 
-def release_owner(session: Session, owner_ref: str) -> int:
-    """Release every committed allocation held for `owner_ref` (a deleted server); returns count."""
-    tenants = (
-        session.connection()
-        .execute(
-            sa_select(_ALLOCATION.c.tenant_id)
-            .where(_ALLOCATION.c.owner_ref == owner_ref, _ALLOCATION.c.state == COMMITTED)
-            .distinct()
-        )
-        .scalars()
-        .all()
+def _lock_paths(
+    session: Session, tenant_ids: Iterable[uuid.UUID], classes: Iterable[str]
+) -> tuple[dict[uuid.UUID, Path], Rows]:
+    """Several tenants' rows in one statement, so the total lock order holds across agencies."""
+    paths = {tid: _path(session, tid) for tid in sorted(set(tenant_ids), key=str)}
+    levels = {level.id for p in paths.values() for level in p.levels}
+    result = session.connection().execute(
+        _LOCK_STMT, {"tids": sorted(levels, key=str), "classes": sorted(set(classes))}
     )
-    released = 0
+    return paths, {(r[1], r[2]): QuotaRow(*r) for r in result}
+
+
+_OWNER_HELD = sa_select(
+    _ALLOCATION.c.id, _ALLOCATION.c.tenant_id, _ALLOCATION.c.resource_class, _ALLOCATION.c.amount
+).where(_ALLOCATION.c.owner_ref == bindparam("owner"), _ALLOCATION.c.state == COMMITTED)
+
+
+def release_owner(session: Session, owner_ref: str) -> int:
+    """Release every committed allocation held for `owner_ref` (a deleted server); returns count.
+
+    Together they never raise usage: an owner's shrinks never exceed what it grew by.
+    """
+    before = session.connection().execute(_OWNER_HELD, {"owner": owner_ref}).all()
+    if not before:
+        return 0
+    paths, rows = _lock_paths(
+        session, {a.tenant_id for a in before}, {a.resource_class for a in before}
+    )
+    # read again under the locks: a concurrent release may have taken some already
+    held = session.connection().execute(_OWNER_HELD, {"owner": owner_ref}).all()
     now = clock.now()
-    for tenant_id in sorted(tenants, key=str):
-        path = _path(session, tenant_id)
-        classes = (
-            session.connection()
-            .execute(
-                sa_select(_ALLOCATION.c.resource_class)
-                .where(_ALLOCATION.c.owner_ref == owner_ref, _ALLOCATION.c.tenant_id == tenant_id)
-                .distinct()
-            )
-            .scalars()
-            .all()
-        )
-        rows = lock_rows(session, path, classes, create_tenant_rows=False)
-        # read again under the locks: a concurrent release may have taken some already
-        held = (
-            session.connection()
-            .execute(
-                sa_select(_ALLOCATION.c.id, _ALLOCATION.c.resource_class, _ALLOCATION.c.amount)
-                .where(
-                    _ALLOCATION.c.owner_ref == owner_ref,
-                    _ALLOCATION.c.state == COMMITTED,
-                    _ALLOCATION.c.tenant_id == tenant_id,
-                )
-                .order_by(_ALLOCATION.c.amount)
-            )
-            .all()
-        )
+    for tenant_id, path in paths.items():
+        mine = sorted((a for a in held if a.tenant_id == tenant_id), key=lambda a: a.amount)
         _move_counters(
-            session, rows, path, [(h.resource_class, h.amount) for h in held], "release_committed"
+            session, rows, path, [(a.resource_class, a.amount) for a in mine], "release_committed"
         )
-        _settle(session, [h.id for h in held], RELEASED, now)
-        released += len(held)
-    return released
+    _settle(session, [a.id for a in held], RELEASED, now)
+    return len(held)
+
+
+_DUE = sa_select(_RESERVATION.c.id, _RESERVATION.c.tenant_id)
+_ALLOCATIONS_OF = sa_select(
+    _ALLOCATION.c.id,
+    _ALLOCATION.c.reservation_id,
+    _ALLOCATION.c.resource_class,
+    _ALLOCATION.c.amount,
+    _ALLOCATION.c.state,
+).where(_ALLOCATION.c.reservation_id.in_(bindparam("rids", expanding=True)))
 
 
 def sweep_expired(session: Session, *, batch: int = 200) -> int:
-    """Release reservations past their expiry; returns how many. Safe to run concurrently."""
+    """Release reservations past their expiry; returns how many. Safe to run concurrently.
+
+    All the batch's quota rows are locked in one statement, in the global order: locking them
+    reservation by reservation would take them out of order and deadlock with reservations.
+    """
     now = clock.now()
-    due = (
-        session.execute(
-            select(Reservation.id)
-            .where(Reservation.state == RESERVED, col(Reservation.expires_at) <= now)
-            .order_by(col(Reservation.expires_at))
-            .limit(batch)
+    conn = session.connection()
+    due = conn.execute(
+        _DUE.where(_RESERVATION.c.state == RESERVED, _RESERVATION.c.expires_at <= now)
+        .order_by(_RESERVATION.c.expires_at)
+        .limit(batch)
+    ).all()
+    if not due:
+        return 0
+    tenant_of = {r.id: r.tenant_id for r in due}
+    classes = {a.resource_class for a in conn.execute(_ALLOCATIONS_OF, {"rids": list(tenant_of)})}
+    paths, rows = _lock_paths(session, tenant_of.values(), classes)
+    # under the locks: which are still reserved (a commit or release may have won the race)
+    still = {
+        r.id
+        for r in conn.execute(
+            _DUE.where(
+                _RESERVATION.c.id.in_(list(tenant_of)),
+                _RESERVATION.c.state == RESERVED,
+                _RESERVATION.c.expires_at <= now,
+            )
         )
-        .scalars()
-        .all()
+    }
+    if not still:
+        return 0
+    pending = [
+        a for a in conn.execute(_ALLOCATIONS_OF, {"rids": list(still)}) if a.state == RESERVED
+    ]
+    for rid in still:
+        mine = [(a.resource_class, a.amount) for a in pending if a.reservation_id == rid]
+        _move_counters(session, rows, paths[tenant_of[rid]], mine, "release_reserved")
+    _settle(session, [a.id for a in pending], RELEASED, now)
+    conn.execute(
+        update(_RESERVATION)
+        .where(_RESERVATION.c.id.in_(list(still)))
+        .values(state=RELEASED, settled_at=now)
     )
-    swept = 0
-    for rid in due:
-        res, path, rows, held = _lock_reservation(session, rid)
-        if res.state != RESERVED or res.expires_at > now:
-            continue
-        pending = [h for h in held if h.state == RESERVED]
-        _move_counters(
-            session, rows, path, [(h.resource_class, h.amount) for h in pending], "release_reserved"
-        )
-        _settle(session, [h.id for h in pending], RELEASED, now)
-        res.state, res.settled_at = RELEASED, now
-        swept += 1
-    session.flush()
-    return swept
+    # objects already loaded in this session must not show the old state
+    for rid in still:
+        loaded = session.identity_map.get(session.identity_key(Reservation, rid))
+        if loaded is not None:
+            session.expire(loaded)
+    return len(still)

@@ -67,15 +67,21 @@ def _authorize_set(session: Session, principal: Principal, tenant: Tenant) -> Te
     return parent
 
 
-def _lock(session: Session, tenant_ids: list[uuid.UUID], rc: str) -> dict[uuid.UUID, Quota]:
+def _lock_one(session: Session, tenant_id: uuid.UUID, rc: str) -> Quota | None:
     stmt = (
         select(Quota)
-        .where(col(Quota.tenant_id).in_(tenant_ids), Quota.resource_class == rc)
-        .order_by(col(Quota.depth))
+        .where(Quota.tenant_id == tenant_id, Quota.resource_class == rc)
         .with_for_update()
         .execution_options(populate_existing=True)
     )
-    return {q.tenant_id: q for q in session.execute(stmt).scalars()}
+    return session.execute(stmt).scalars().first()
+
+
+def _lock(session: Session, tenant_ids: list[uuid.UUID], rc: str) -> dict[uuid.UUID, Quota]:
+    """Parent first, each in its own statement: a statement that waited for the parent's lock
+    would not see a child row created meanwhile (PostgreSQL read committed)."""
+    found = {tid: _lock_one(session, tid, rc) for tid in tenant_ids}
+    return {tid: q for tid, q in found.items() if q is not None}
 
 
 def _children_limit_sum(
@@ -147,10 +153,9 @@ def set_quota(
         )
     if force and not principal.is_center_admin:
         raise Forbidden("only center administrators may force a limit below usage")
-    now = clock.now()
-
     levels = [parent.id, tenant.id] if parent is not None else [tenant.id]
     locked = _lock(session, levels, resource_class)
+    now = clock.now()  # after the wait for the locks: what expired meanwhile is not counted
     current = locked.get(tenant.id)
     start = valid_from or (current.valid_from if current else now)
     end = valid_until if valid_until is not None else (current.valid_until if current else None)
@@ -169,18 +174,12 @@ def set_quota(
             )
     before = snapshot(current) if current and current.hard_limit is not None else None
     if current is None:
-        current = Quota(
-            tenant_id=tenant.id,
-            resource_class=resource_class,
-            depth=ledger.DEPTH[tenant.kind],
-            hard_limit=limit,
-            valid_from=start,
-            valid_until=end,
-        )
-        session.add(current)
-    else:
-        current.hard_limit, current.valid_from, current.valid_until = limit, start, end
-        current.updated_at = now
+        # insert-or-keep, then lock: a concurrent first writer of this row must not make us fail
+        ledger.insert_quota_rows(session, [(tenant.id, resource_class, ledger.DEPTH[tenant.kind])])
+        current = _lock_one(session, tenant.id, resource_class)
+        assert current is not None
+    current.hard_limit, current.valid_from, current.valid_until = limit, start, end
+    current.updated_at = now
     session.flush()
     after = snapshot(current)
     if before == after:
