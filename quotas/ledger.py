@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, delete, func, insert, text, update
+from sqlalchemy import bindparam, func, insert, text, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -240,23 +240,48 @@ _LOCK_STMT = (
     .order_by(_QUOTA.c.depth, _QUOTA.c.resource_class, _QUOTA.c.tenant_id)
     .with_for_update()
 )
+# the same lock, also telling whether the reservation's ref is taken: one round trip for both
+_LOCK_WITH_REF_STMT = (
+    sa_select(
+        *_ROW_COLUMNS,
+        sa_select(_RESERVATION.c.id)
+        .where(_RESERVATION.c.ref == bindparam("ref"))
+        .scalar_subquery()
+        .label("existing"),
+    )
+    .where(
+        _QUOTA.c.tenant_id.in_(bindparam("tids", expanding=True)),
+        _QUOTA.c.resource_class.in_(bindparam("classes", expanding=True)),
+    )
+    .order_by(_QUOTA.c.depth, _QUOTA.c.resource_class, _QUOTA.c.tenant_id)
+    .with_for_update(of=_QUOTA)
+)
 _BY_REF_STMT = select(Reservation).where(Reservation.ref == bindparam("ref"))
-_insert_reservation: dict[str, Any] = {}
-
-
-def _insert_reservation_stmt(dialect: str) -> Any:
-    """INSERT … ON CONFLICT (ref) DO NOTHING RETURNING id: the idempotency check and the insert
-    in one round trip."""
-    if dialect not in _insert_reservation:
-        insert_for = pg_insert if dialect == "postgresql" else sqlite_insert
-        _insert_reservation[dialect] = (
-            insert_for(_RESERVATION)
-            .on_conflict_do_nothing(index_elements=["ref"])
-            .returning(_RESERVATION.c.id)
-        )
-    return _insert_reservation[dialect]
-
-
+_REF_TAKEN = sa_select(_RESERVATION.c.id).where(_RESERVATION.c.ref == bindparam("ref"))
+_INSERT_RESERVATION = insert(_RESERVATION)
+# PostgreSQL: the reservation, its allocations and the counters in one statement; if the ref
+# was taken meanwhile (a concurrent retry), the insert yields no row and nothing else is written
+_PG_WRITE_RESERVATION = text(
+    "WITH r AS ("
+    " INSERT INTO reservation (id, ref, tenant_id, agency_id, owner_ref, state, expires_at,"
+    " created_at, created_by)"
+    " VALUES (:id, :ref, :tenant_id, :agency_id, :owner_ref, 'reserved', :expires_at,"
+    " :created_at, :created_by)"
+    " ON CONFLICT (ref) DO NOTHING RETURNING id),"
+    " a AS ("
+    " INSERT INTO allocation (id, reservation_id, tenant_id, agency_id, resource_class, amount,"
+    " state, owner_ref, expires_at, created_at)"
+    " SELECT x.id, r.id, :tenant_id, :agency_id, x.rc, x.amount, 'reserved', :owner_ref,"
+    " :expires_at, :created_at"
+    " FROM r, unnest(CAST(:alloc_ids AS uuid[]), CAST(:rcs AS varchar[]),"
+    " CAST(:amounts AS bigint[])) AS x(id, rc, amount)),"
+    " u AS ("
+    " UPDATE quota SET committed = quota.committed + d.dc, reserved = quota.reserved + d.dr,"
+    " updated_at = :created_at"
+    " FROM r, unnest(CAST(:qids AS uuid[]), CAST(:dcs AS bigint[]), CAST(:drs AS bigint[]))"
+    " AS d(id, dc, dr) WHERE quota.id = d.id)"
+    " SELECT id FROM r"
+)
 Rows = dict[tuple[uuid.UUID, str], QuotaRow]
 
 
@@ -434,6 +459,13 @@ def _move_counters(
     session: Session, rows: Rows, path: Path, changes: Iterable[tuple[str, int]], transition: str
 ) -> None:
     """Apply allocations' (class, amount) transitions to every level's counters, in one UPDATE."""
+    _write_counters(session, _plan_counters(rows, path, changes, transition))
+
+
+def _plan_counters(
+    rows: Rows, path: Path, changes: Iterable[tuple[str, int]], transition: str
+) -> dict[uuid.UUID, list[int]]:
+    """Per quota row, (Δcommitted, Δreserved); refuses any counter that would drop below zero."""
     changes = list(changes)
     delta: dict[uuid.UUID, list[int]] = {}
     for level in path.levels:
@@ -450,6 +482,10 @@ def _move_counters(
                     f"{rc} at {level.code} would drop below zero: "
                     "more is being released than was committed"
                 )
+    return delta
+
+
+def _write_counters(session: Session, delta: dict[uuid.UUID, list[int]]) -> None:
     if not delta:
         return
     now = clock.now()
@@ -537,9 +573,26 @@ def reserve(
     path = _path(session, tenant_id)
     if TenantStatus.archived in (path.tenant.status, path.agency.status):
         raise Conflict(f"{path.tenant.kind} {path.tenant.code} is archived")
-    rows = lock_rows(session, path, clean, create_tenant_rows=True)
+    rows, taken = _lock_for_reserve(session, path, clean, ref)
+    if taken is not None:
+        return _replayed(session, ref, tenant_id, clean)
 
     now = clock.now()
+    over = _shortfalls_locked(session, path, rows, clean, now)
+    if over:
+        raise QuotaExceeded(over)
+    for code, amount in clean.items():
+        own = rows.get((tenant_id, code))
+        if amount < 0 and (own is None or own.committed + amount < 0):
+            held = own.committed if own else 0
+            raise Invalid.field(
+                f"deltas.{code}",
+                f"cannot shrink by {-amount}: only {held} is committed here",
+                "below_zero",
+            )
+    if owner_ref is not None and any(a < 0 for a in clean.values()):
+        _check_owner_shrink(session, owner_ref, clean)
+
     values: dict[str, Any] = {
         "id": uuid.uuid4(),
         "ref": ref,
@@ -552,35 +605,73 @@ def reserve(
         "settled_at": None,
         "created_by": actor,
     }
-    dialect = session.get_bind().dialect.name
-    if session.connection().execute(_insert_reservation_stmt(dialect), values).first() is None:
-        existing = session.execute(_BY_REF_STMT, {"ref": ref}).scalars().one()
-        if existing.tenant_id != tenant_id or amounts(session, existing.id) != clean:
-            raise Conflict.field("ref", f"reservation {ref!r} exists with other amounts", "reused")
-        return existing
-    try:
-        over = _shortfalls_locked(session, path, rows, clean, now)
-        if over:
-            raise QuotaExceeded(over)
-        for code, amount in clean.items():
-            own = rows.get((tenant_id, code))
-            if amount < 0 and (own is None or own.committed + amount < 0):
-                held = own.committed if own else 0
-                raise Invalid.field(
-                    f"deltas.{code}",
-                    f"cannot shrink by {-amount}: only {held} is committed here",
-                    "below_zero",
-                )
-        if owner_ref is not None and any(a < 0 for a in clean.values()):
-            _check_owner_shrink(session, owner_ref, clean)
-    except (QuotaExceeded, Invalid):
-        # the row went in first to settle idempotency; a refusal takes it back out, so a caller
-        # that catches the error and carries on in the same transaction holds nothing
-        session.connection().execute(delete(_RESERVATION).where(_RESERVATION.c.id == values["id"]))
-        raise
-    _insert_allocations(session, values, sorted(clean.items()))
-    _move_counters(session, rows, path, sorted(clean.items()), "reserve")
+    amounts_in_order = sorted(clean.items())
+    counters = _plan_counters(rows, path, amounts_in_order, "reserve")
+    if _is_postgres(session):
+        qids = list(counters)
+        written = (
+            session.connection()
+            .execute(
+                _PG_WRITE_RESERVATION,
+                {
+                    **values,
+                    "alloc_ids": [uuid.uuid4() for _ in amounts_in_order],
+                    "rcs": [c for c, _ in amounts_in_order],
+                    "amounts": [a for _, a in amounts_in_order],
+                    "qids": qids,
+                    "dcs": [counters[q][0] for q in qids],
+                    "drs": [counters[q][1] for q in qids],
+                },
+            )
+            .first()
+        )
+        if written is None:  # the same ref, inserted since our lock statement began
+            return _replayed(session, ref, tenant_id, clean)
+    else:
+        # SQLite's write lock (BEGIN IMMEDIATE) already keeps the ref ours; statements are local
+        session.connection().execute(_INSERT_RESERVATION, values)
+        _insert_allocations(session, values, amounts_in_order)
+        _write_counters(session, counters)
     return Reservation(**values)
+
+
+def _lock_for_reserve(
+    session: Session, path: Path, classes: Mapping[str, int], ref: str
+) -> tuple[Rows, uuid.UUID | None]:
+    """The path's rows, locked, and the id of a reservation already holding `ref` if any."""
+    ordered = sorted(classes)
+    result = (
+        session.connection()
+        .execute(
+            _LOCK_WITH_REF_STMT,
+            {"tids": [t.id for t in path.levels], "classes": ordered, "ref": ref},
+        )
+        .all()
+    )
+    rows = {(r[1], r[2]): QuotaRow(*r[:8]) for r in result}
+    taken = result[0].existing if result else None
+    if not result:
+        taken = session.connection().execute(_REF_TAKEN, {"ref": ref}).scalar()
+    if taken is None and path.tenant.kind == TenantKind.system:
+        missing = [c for c in ordered if (path.tenant.id, c) not in rows]
+        if missing:
+            # a system's rows are created under its agency's lock, taken just above
+            depth = DEPTH[path.tenant.kind]
+            insert_quota_rows(session, [(path.tenant.id, c, depth) for c in missing])
+            fresh = session.connection().execute(
+                _LOCK_STMT, {"tids": [path.tenant.id], "classes": ordered}
+            )
+            rows.update({(r[1], r[2]): QuotaRow(*r) for r in fresh})
+    return rows, taken
+
+
+def _replayed(
+    session: Session, ref: str, tenant_id: uuid.UUID, clean: Mapping[str, int]
+) -> Reservation:
+    existing = session.execute(_BY_REF_STMT, {"ref": ref}).scalars().one()
+    if existing.tenant_id != tenant_id or amounts(session, existing.id) != clean:
+        raise Conflict.field("ref", f"reservation {ref!r} exists with other amounts", "reused")
+    return existing
 
 
 _OWNER_NET = (
@@ -614,18 +705,52 @@ def amounts(session: Session, reservation_id: uuid.UUID) -> dict[str, int]:
     return {c: int(a) for c, a in session.execute(stmt).all()}
 
 
-def _find(session: Session, reservation: uuid.UUID | str) -> Reservation:
-    if isinstance(reservation, uuid.UUID):
-        found = session.get(Reservation, reservation)
-    else:
-        found = (
-            session.execute(select(Reservation).where(Reservation.ref == reservation))
-            .scalars()
-            .first()
-        )
-    if found is None:
-        raise NotFound(f"reservation {reservation} not found")
-    return found
+_RESERVATION_FIELDS = (
+    "id",
+    "ref",
+    "tenant_id",
+    "agency_id",
+    "owner_ref",
+    "state",
+    "expires_at",
+    "created_at",
+    "settled_at",
+    "created_by",
+)
+_JOINED = _RESERVATION.outerjoin(_ALLOCATION, _ALLOCATION.c.reservation_id == _RESERVATION.c.id)
+_PRE_READ = sa_select(
+    _RESERVATION.c.id, _RESERVATION.c.tenant_id, _ALLOCATION.c.resource_class
+).select_from(_JOINED)
+_HELD = (
+    sa_select(
+        *[_RESERVATION.c[f] for f in _RESERVATION_FIELDS],
+        _ALLOCATION.c.id.label("a_id"),
+        _ALLOCATION.c.resource_class.label("a_class"),
+        _ALLOCATION.c.amount.label("a_amount"),
+        _ALLOCATION.c.state.label("a_state"),
+    )
+    .select_from(_JOINED)
+    .where(_RESERVATION.c.id == bindparam("rid"))
+    .order_by(_ALLOCATION.c.resource_class)
+)
+_PG_SETTLE = text(
+    "WITH u AS ("
+    " UPDATE quota SET committed = quota.committed + d.dc, reserved = quota.reserved + d.dr,"
+    " updated_at = :now"
+    " FROM unnest(CAST(:qids AS uuid[]), CAST(:dcs AS bigint[]), CAST(:drs AS bigint[]))"
+    " AS d(id, dc, dr) WHERE quota.id = d.id),"
+    " a AS ("
+    " UPDATE allocation SET state = CAST(:astate AS varchar),"
+    " committed_at = CASE WHEN CAST(:astate AS varchar) = 'committed' THEN :now"
+    " ELSE committed_at END,"
+    " released_at = CASE WHEN CAST(:astate AS varchar) = 'released' THEN :now"
+    " ELSE released_at END,"
+    " owner_ref = COALESCE(CAST(:owner AS varchar), owner_ref)"
+    " WHERE id = ANY(CAST(:aids AS uuid[])))"
+    " UPDATE reservation SET state = CAST(:rstate AS varchar),"
+    " settled_at = COALESCE(settled_at, :now),"
+    " owner_ref = COALESCE(CAST(:owner AS varchar), owner_ref) WHERE id = :rid"
+)
 
 
 @dataclass(frozen=True)
@@ -639,38 +764,78 @@ class _Held:
 def _lock_reservation(
     session: Session, reservation: uuid.UUID | str
 ) -> tuple[Reservation, Path, Rows, list[_Held]]:
-    """Quota rows first, then the reservation and its allocations, freshly read under the locks."""
-    found = _find(session, reservation)
-    path = _path(session, found.tenant_id)
-    classes = (
-        session.connection()
-        .execute(
-            sa_select(_ALLOCATION.c.resource_class).where(_ALLOCATION.c.reservation_id == found.id)
-        )
-        .scalars()
-        .all()
+    """Quota rows first, then the reservation and its allocations, freshly read under the locks.
+
+    What is read before the locks (tenant, classes) never changes; states are read after them.
+    """
+    conn = session.connection()
+    key = (
+        _RESERVATION.c.id == reservation
+        if isinstance(reservation, uuid.UUID)
+        else _RESERVATION.c.ref == reservation
     )
-    rows = lock_rows(session, path, classes, create_tenant_rows=False)
-    locked = session.execute(
-        select(Reservation)
-        .where(Reservation.id == found.id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).scalar_one()
-    held = [
-        _Held(r.id, r.resource_class, r.amount, r.state)
-        for r in session.connection().execute(
-            sa_select(
-                _ALLOCATION.c.id,
-                _ALLOCATION.c.resource_class,
-                _ALLOCATION.c.amount,
-                _ALLOCATION.c.state,
-            )
-            .where(_ALLOCATION.c.reservation_id == found.id)
-            .order_by(_ALLOCATION.c.resource_class)
+    pre = conn.execute(_PRE_READ.where(key)).all()
+    if not pre:
+        raise NotFound(f"reservation {reservation} not found")
+    rid, tenant_id = pre[0].id, pre[0].tenant_id
+    path = _path(session, tenant_id)
+    classes = sorted({r.resource_class for r in pre if r.resource_class is not None})
+    rows = lock_rows(session, path, classes, create_tenant_rows=False) if classes else {}
+    result = conn.execute(_HELD, {"rid": rid}).all()
+    res = Reservation(**{f: getattr(result[0], f) for f in _RESERVATION_FIELDS})
+    held = [_Held(r.a_id, r.a_class, r.a_amount, r.a_state) for r in result if r.a_id is not None]
+    return res, path, rows, held
+
+
+def _settle_reservation(
+    session: Session,
+    res: Reservation,
+    counters: dict[uuid.UUID, list[int]],
+    allocation_ids: list[uuid.UUID],
+    state: str,
+    owner_ref: str | None = None,
+) -> Reservation:
+    """Write the counters, the allocations' and the reservation's new state: one statement on
+    PostgreSQL. Returns the reservation as it now is."""
+    now = clock.now()
+    if _is_postgres(session):
+        qids = list(counters)
+        session.connection().execute(
+            _PG_SETTLE,
+            {
+                "qids": qids,
+                "dcs": [counters[q][0] for q in qids],
+                "drs": [counters[q][1] for q in qids],
+                "now": now,
+                "astate": state,
+                "owner": owner_ref,
+                "aids": allocation_ids,
+                "rstate": state,
+                "rid": res.id,
+            },
         )
-    ]
-    return locked, path, rows, held
+    else:
+        _write_counters(session, counters)
+        _settle(session, allocation_ids, state, now, owner_ref)
+        values: dict[str, Any] = {"state": state, "settled_at": res.settled_at or now}
+        if owner_ref is not None:
+            values["owner_ref"] = owner_ref
+        session.connection().execute(
+            update(_RESERVATION).where(_RESERVATION.c.id == res.id).values(**values)
+        )
+    _forget_loaded(session, [res.id])
+    res.state, res.settled_at = state, res.settled_at or now
+    if owner_ref is not None:
+        res.owner_ref = owner_ref
+    return res
+
+
+def _forget_loaded(session: Session, reservation_ids: Iterable[uuid.UUID]) -> None:
+    """Objects this session loaded before a Core update must not show the old state."""
+    for rid in reservation_ids:
+        loaded = session.identity_map.get(session.identity_key(Reservation, rid))
+        if loaded is not None:
+            session.expire(loaded)
 
 
 def _settle(
@@ -687,6 +852,16 @@ def _settle(
     )
 
 
+def _merge(*plans: dict[uuid.UUID, list[int]]) -> dict[uuid.UUID, list[int]]:
+    out: dict[uuid.UUID, list[int]] = {}
+    for plan in plans:
+        for qid, (dc, dr) in plan.items():
+            entry = out.setdefault(qid, [0, 0])
+            entry[0] += dc
+            entry[1] += dr
+    return out
+
+
 def commit(
     session: Session, reservation: uuid.UUID | str, *, owner_ref: str | None = None
 ) -> Reservation:
@@ -696,17 +871,13 @@ def commit(
         return res
     if res.state == RELEASED:
         raise Conflict(f"reservation {res.ref} was released and cannot be committed")
-    now = clock.now()
-    if res.expires_at <= now:
+    if res.expires_at <= clock.now():
         raise Conflict(f"reservation {res.ref} expired at {res.expires_at.isoformat()}")
     pending = [h for h in held if h.state == RESERVED]
-    _move_counters(session, rows, path, [(h.resource_class, h.amount) for h in pending], "commit")
-    _settle(session, [h.id for h in pending], COMMITTED, now, owner_ref)
-    res.state, res.settled_at = COMMITTED, now
-    if owner_ref is not None:
-        res.owner_ref = owner_ref
-    session.flush()
-    return res
+    counters = _plan_counters(rows, path, [(h.resource_class, h.amount) for h in pending], "commit")
+    return _settle_reservation(
+        session, res, counters, [h.id for h in pending], COMMITTED, owner_ref
+    )
 
 
 def release(session: Session, reservation: uuid.UUID | str) -> Reservation:
@@ -716,7 +887,6 @@ def release(session: Session, reservation: uuid.UUID | str) -> Reservation:
     It goes with the rest of its owner's allocations (release_owner).
     """
     res, path, rows, held = _lock_reservation(session, reservation)
-    now = clock.now()
     reserved = [h for h in held if h.state == RESERVED]
     committed = [h for h in held if h.state == COMMITTED]
     if any(h.amount < 0 for h in committed):
@@ -724,17 +894,19 @@ def release(session: Session, reservation: uuid.UUID | str) -> Reservation:
             f"reservation {res.ref} is a committed shrink; release its owner's allocations "
             "together instead"
         )
-    _move_counters(
-        session, rows, path, [(h.resource_class, h.amount) for h in reserved], "release_reserved"
+    if res.state == RELEASED and not reserved and not committed:
+        return res
+    counters = _merge(
+        _plan_counters(
+            rows, path, [(h.resource_class, h.amount) for h in reserved], "release_reserved"
+        ),
+        _plan_counters(
+            rows, path, [(h.resource_class, h.amount) for h in committed], "release_committed"
+        ),
     )
-    _move_counters(
-        session, rows, path, [(h.resource_class, h.amount) for h in committed], "release_committed"
+    return _settle_reservation(
+        session, res, counters, [h.id for h in reserved + committed], RELEASED
     )
-    _settle(session, [h.id for h in reserved + committed], RELEASED, now)
-    if res.state != RELEASED:
-        res.state, res.settled_at = RELEASED, res.settled_at or now
-    session.flush()
-    return res
 
 
 def _lock_paths(
@@ -830,9 +1002,5 @@ def sweep_expired(session: Session, *, batch: int = 200) -> int:
         .where(_RESERVATION.c.id.in_(list(still)))
         .values(state=RELEASED, settled_at=now)
     )
-    # objects already loaded in this session must not show the old state
-    for rid in still:
-        loaded = session.identity_map.get(session.identity_key(Reservation, rid))
-        if loaded is not None:
-            session.expire(loaded)
+    _forget_loaded(session, still)
     return len(still)

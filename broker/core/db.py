@@ -73,7 +73,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
+    # no ping before each checkout (a round trip per unit of work on the hot path): a connection
+    # that died is detected on use, the pool is invalidated and the request answered 503
+    kwargs.setdefault("pool_pre_ping", get_settings().db_pool_pre_ping)
+    kwargs.setdefault("pool_recycle", 1800)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
     return create_engine(url, **kwargs)

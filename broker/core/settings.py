@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     fernet_key: SecretStr | None = Field(
         default=None, description="Encrypts provider credentials; comma-separate to rotate"
     )
+    db_pool_pre_ping: bool = False
     display_timezone: str = "Asia/Shanghai"
 
     # OIDC bearer tokens (optional)
