@@ -30,6 +30,7 @@ from broker.tenancy.authz import authorize, authorize_at_parent
 from broker.tenancy.models import Tenant, TenantKind, TenantStatus
 from quotas import ledger
 from quotas.models import Allocation, Quota, QuotaNotice, ResourceClass
+from quotas.schemas import UsageLine
 
 # (session, resource class) -> the most the center may hand out, or None when unknown
 CapacityProvider = Callable[[Session, str], int | None]
@@ -275,21 +276,6 @@ def utilization(usage: int, limit: int | None) -> Decimal | None:
     if limit == 0:
         return Decimal(0) if usage == 0 else Decimal(100)
     return (Decimal(usage) * 100 / Decimal(limit)).quantize(Decimal("0.1"), ROUND_HALF_UP)
-
-
-@dataclass(frozen=True)
-class UsageLine:
-    resource_class: str
-    unit: str
-    limit: int | None
-    committed: int
-    reserved: int
-    available: int | None
-    utilization_percent: Decimal | None
-    valid_from: datetime | None
-    valid_until: datetime | None
-    days_remaining: int | None
-    status: str
 
 
 def compute_line(rc: ResourceClass, q: Quota | None, lapsed: int, now: datetime) -> UsageLine:

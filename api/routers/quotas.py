@@ -125,13 +125,13 @@ def check_quota(body: CheckRequest, session: SessionDep, principal: PrincipalDep
     )
 
 
-def _usage(tenant: Tenant, lines: list[service.UsageLine]) -> TenantUsage:
+def _usage(tenant: Tenant, lines: list[UsageLine]) -> TenantUsage:
     return TenantUsage(
         tenant_id=tenant.id,
         tenant_code=tenant.code,
         tenant_name=tenant.name_zh,
         kind=tenant.kind,
-        lines=[UsageLine(**line.__dict__) for line in lines],
+        lines=lines,
     )
 
 
