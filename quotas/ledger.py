@@ -540,16 +540,6 @@ def _shortfalls_locked(
     return over
 
 
-def enforce(session: Session, tenant_id: uuid.UUID, deltas: Mapping[str, int]) -> None:
-    """Raise QuotaExceeded naming every shortfall, under the same locks a reservation takes."""
-    path = _path(session, tenant_id)
-    clean = validate_deltas(session, deltas)
-    rows = lock_rows(session, path, clean, create_tenant_rows=False)
-    over = _shortfalls_locked(session, path, rows, clean, clock.now())
-    if over:
-        raise QuotaExceeded(over)
-
-
 def reserve(
     session: Session,
     tenant_id: uuid.UUID,
