@@ -273,7 +273,7 @@ def remote(attempts: int = 3, max_wait: float = 4.0) -> Callable[[F], F]:
     return retry(  # type: ignore[return-value]
         retry=retry_if_exception_type(Unavailable),
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=0.05, max=max_wait),
+        wait=wait_exponential_jitter(multiplier=0.05, max=max_wait),
         reraise=True,
     )
 
