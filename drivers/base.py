@@ -63,6 +63,10 @@ class Unsupported(DriverError):
     """The provider lacks the capability asked for."""
 
 
+class InvalidSpec(DriverError):
+    """The request itself is wrong (no size, a zero-sized disk): retrying cannot help."""
+
+
 # --- data types --------------------------------------------------------------------------------
 
 
@@ -91,7 +95,8 @@ class Capability(StrEnum):
 
 @dataclass(frozen=True)
 class Capacity:
-    """Per resource class: what exists and what is allocated (before overcommit)."""
+    """Per resource class: what exists and what is allocated (before overcommit). Stopped
+    servers count as allocated: their resources stay reserved on the host."""
 
     total: Mapping[str, int]
     allocated: Mapping[str, int]
@@ -170,7 +175,11 @@ class Server:
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """What to create: a flavor or a custom size, an image/template, a network, data disks."""
+    """What to create: a flavor or a custom size, an image/template, a network, data disks.
+
+    `flavor`, `image` and `network` are the provider's external ids, as the list_* calls return
+    them. `disks` are the data disks; the root disk comes from the flavor or image.
+    """
 
     name: str
     image: str
@@ -235,7 +244,10 @@ class Driver(abc.ABC):
         """The server created for a request, found after a crash by the tag it carries."""
 
     @abc.abstractmethod
-    def create_server(self, spec: ServerSpec) -> Server: ...
+    def create_server(self, spec: ServerSpec) -> Server:
+        """Create and return the server once it runs. Idempotent on `spec.request_tag`: when a
+        server with that tag exists already (a retried or replayed create), that server is
+        returned instead of a second one. `Server.disks` lists the root disk first."""
 
     @abc.abstractmethod
     def start(self, external_id: str) -> Server: ...

@@ -47,6 +47,7 @@ from drivers.base import (
     Flavor,
     Host,
     Image,
+    InvalidSpec,
     Network,
     NotFound,
     PowerState,
@@ -576,9 +577,9 @@ class SimulatorDriver(Driver):
         elif spec.vcpu is not None and spec.memory_mb is not None:
             vcpu, memory_mb = spec.vcpu, spec.memory_mb
         else:
-            raise DriverError("simulator: a server needs a flavor or both vcpu and memory_mb")
+            raise InvalidSpec("simulator: a server needs a flavor or both vcpu and memory_mb")
         if vcpu < 1 or memory_mb < 1:
-            raise DriverError(f"simulator: invalid size {vcpu} vCPU / {memory_mb} MB")
+            raise InvalidSpec(f"simulator: invalid size {vcpu} vCPU / {memory_mb} MB")
         image = _pick(st.images, spec.image, "image", lambda i: (i.external_id, i.name))
         if spec.network is None:
             network = st.networks[0]
@@ -609,7 +610,7 @@ class SimulatorDriver(Driver):
         want: dict[str, int] = {}
         for d in disks:
             if d.size_gb < 1:
-                raise DriverError(f"simulator: invalid disk size {d.size_gb} GB")
+                raise InvalidSpec(f"simulator: invalid disk size {d.size_gb} GB")
             want[d.tier] = want.get(d.tier, 0) + d.size_gb
         for tier, gb in want.items():
             pool = st.pool(tier)
@@ -679,7 +680,7 @@ class SimulatorDriver(Driver):
     def resize(self, external_id: str, *, vcpu: int, memory_mb: int) -> Server:
         def resize(s: _ServerState) -> None:
             if vcpu < 1 or memory_mb < 1:
-                raise DriverError(f"simulator: invalid size {vcpu} vCPU / {memory_mb} MB")
+                raise InvalidSpec(f"simulator: invalid size {vcpu} vCPU / {memory_mb} MB")
             st = self._store
             host = _pick(st.hosts, s.host, "host", lambda h: (h.external_id, h.name))
             delta = {"vcpu": vcpu - s.vcpu, "memory_mb": memory_mb - s.memory_mb}
@@ -704,7 +705,7 @@ class SimulatorDriver(Driver):
     def ensure_tenant_scope(self, tenant_code: str) -> str | None:
         def do() -> str:
             if not tenant_code:
-                raise DriverError("simulator: an empty tenant code has no scope")
+                raise InvalidSpec("simulator: an empty tenant code has no scope")
             scope = f"govbroker/{tenant_code}"
             with self._store.lock:
                 self._store.scopes.add(scope)
