@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Any, Protocol
+from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from sqlmodel import Session
 
 from broker.core.authz import Principal
+from broker.core.db import SessionSource
 from broker.core.errors import Unauthenticated
 from broker.core.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from broker.tenancy import auth
@@ -16,12 +17,6 @@ from broker.tenancy import auth
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # query strings may carry anything but NUL, which PostgreSQL cannot compare or store
 NO_NUL = r"^[^\x00]*$"
-
-
-class SessionSource(Protocol):
-    def session(self, *, write: bool = True) -> Session: ...
-
-    def unit_of_work(self, *, write: bool = True) -> Any: ...
 
 
 def database(request: Request) -> SessionSource:

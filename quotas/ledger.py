@@ -314,27 +314,17 @@ def insert_quota_rows(session: Session, keys: list[tuple[uuid.UUID, str, int]]) 
     session.connection().execute(stmt)
 
 
-def lock_rows(
-    session: Session, path: Path, classes: Iterable[str], *, create_tenant_rows: bool
-) -> Rows:
-    """Lock the quota rows of the path's levels for `classes`, in (depth, class) order.
+def _locked(session: Session, tenant_ids: Iterable[uuid.UUID], classes: Iterable[str]) -> Rows:
+    """Lock the tenants' quota rows for `classes` in the global order (depth, class, tenant)."""
+    result = session.connection().execute(
+        _LOCK_STMT, {"tids": sorted(set(tenant_ids), key=str), "classes": sorted(set(classes))}
+    )
+    return {(r[1], r[2]): QuotaRow(*r) for r in result}
 
-    The agency's rows come first, so a system row created here is created under its agency's lock.
-    """
-    classes = sorted(set(classes))
 
-    def fetch(tenant_ids: list[uuid.UUID]) -> Rows:
-        result = session.connection().execute(_LOCK_STMT, {"tids": tenant_ids, "classes": classes})
-        return {(r[1], r[2]): QuotaRow(*r) for r in result}
-
-    rows = fetch([t.id for t in path.levels])
-    if create_tenant_rows and path.tenant.kind == TenantKind.system:
-        missing = [c for c in classes if (path.tenant.id, c) not in rows]
-        if missing:
-            depth = DEPTH[path.tenant.kind]
-            insert_quota_rows(session, [(path.tenant.id, c, depth) for c in missing])
-            rows.update(fetch([path.tenant.id]))
-    return rows
+def lock_rows(session: Session, path: Path, classes: Iterable[str]) -> Rows:
+    """Lock the quota rows of the path's levels for `classes`."""
+    return _locked(session, [t.id for t in path.levels], classes)
 
 
 def expired_reserved(
@@ -648,10 +638,7 @@ def _lock_for_reserve(
             # a system's rows are created under its agency's lock, taken just above
             depth = DEPTH[path.tenant.kind]
             insert_quota_rows(session, [(path.tenant.id, c, depth) for c in missing])
-            fresh = session.connection().execute(
-                _LOCK_STMT, {"tids": [path.tenant.id], "classes": ordered}
-            )
-            rows.update({(r[1], r[2]): QuotaRow(*r) for r in fresh})
+            rows.update(_locked(session, [path.tenant.id], ordered))
     return rows, taken
 
 
@@ -770,7 +757,7 @@ def _lock_reservation(
     rid, tenant_id = pre[0].id, pre[0].tenant_id
     path = _path(session, tenant_id)
     classes = sorted({r.resource_class for r in pre if r.resource_class is not None})
-    rows = lock_rows(session, path, classes, create_tenant_rows=False) if classes else {}
+    rows = lock_rows(session, path, classes) if classes else {}
     result = conn.execute(_HELD, {"rid": rid}).all()
     res = Reservation(**{f: getattr(result[0], f) for f in _RESERVATION_FIELDS})
     held = [_Held(r.a_id, r.a_class, r.a_amount, r.a_state) for r in result if r.a_id is not None]
@@ -905,10 +892,7 @@ def _lock_paths(
     """Several tenants' rows in one statement, so the total lock order holds across agencies."""
     paths = {tid: _path(session, tid) for tid in sorted(set(tenant_ids), key=str)}
     levels = {level.id for p in paths.values() for level in p.levels}
-    result = session.connection().execute(
-        _LOCK_STMT, {"tids": sorted(levels, key=str), "classes": sorted(set(classes))}
-    )
-    return paths, {(r[1], r[2]): QuotaRow(*r) for r in result}
+    return paths, _locked(session, levels, classes)
 
 
 _OWNER_HELD = sa_select(

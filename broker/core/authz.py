@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, false, or_
+from sqlalchemy import ColumnElement, false, or_, true
 
 
 class Role(StrEnum):
@@ -102,9 +102,6 @@ class Principal:
         """Acts with center_admin rights over everything; used by the CLI and scheduled jobs."""
         return cls(user_id=None, username=name, grants=(Grant(Role.center_admin, None, "/"),))
 
-    def roles_covering(self, path: str) -> set[Role]:
-        return {g.role for g in self.grants if g.covers(path)}
-
     def can(self, action: str, path: str) -> bool:
         return any(role_allows(g.role, action) for g in self.grants if g.covers(path))
 
@@ -125,7 +122,7 @@ class Principal:
         """SQL condition: rows whose tenant path lies where `action` is allowed."""
         prefixes = self.prefixes(action)
         if "/" in prefixes:
-            return path_column.is_not(None) | path_column.is_(None)
+            return true()
         if not prefixes:
             return false()
         return or_(*[path_column.startswith(p) for p in prefixes])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextvars
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -23,15 +21,6 @@ _current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar
 def current() -> RequestContext:
     ctx = _current.get()
     return ctx if ctx is not None else RequestContext(request_id=f"local-{uuid.uuid4().hex[:12]}")
-
-
-@contextmanager
-def bind(ctx: RequestContext) -> Iterator[RequestContext]:
-    token = _current.set(ctx)
-    try:
-        yield ctx
-    finally:
-        _current.reset(token)
 
 
 def set_current(ctx: RequestContext) -> contextvars.Token[RequestContext | None]:

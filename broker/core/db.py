@@ -100,29 +100,11 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def is_sqlite(engine_or_session: Engine | Session) -> bool:
-    bind = (
-        engine_or_session.get_bind()
-        if isinstance(engine_or_session, Session)
-        else engine_or_session
-    )
-    return bind.dialect.name == "sqlite"
-
-
-class Database:
-    """An engine plus the two kinds of session: reading and writing."""
-
-    def __init__(self, url: str, **engine_kwargs: Any) -> None:
-        self.url = normalize_url(url)
-        self.engine = make_engine(self.url, **engine_kwargs)
-        self._write_engine = (
-            self.engine.execution_options(sqlite_begin="IMMEDIATE")
-            if self.engine.dialect.name == "sqlite"
-            else self.engine
-        )
+class SessionSource:
+    """Anything that opens sessions; the unit of work around them is the same for all."""
 
     def session(self, *, write: bool = True) -> Session:
-        return Session(bind=self._write_engine if write else self.engine, expire_on_commit=False)
+        raise NotImplementedError
 
     @contextmanager
     def unit_of_work(self, *, write: bool = True) -> Iterator[Session]:
@@ -136,6 +118,22 @@ class Database:
             raise
         finally:
             session.close()
+
+
+class Database(SessionSource):
+    """An engine plus the two kinds of session: reading and writing."""
+
+    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+        self.url = normalize_url(url)
+        self.engine = make_engine(self.url, **engine_kwargs)
+        self._write_engine = (
+            self.engine.execution_options(sqlite_begin="IMMEDIATE")
+            if self.engine.dialect.name == "sqlite"
+            else self.engine
+        )
+
+    def session(self, *, write: bool = True) -> Session:
+        return Session(bind=self._write_engine if write else self.engine, expire_on_commit=False)
 
     def dispose(self) -> None:
         self.engine.dispose()

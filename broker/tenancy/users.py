@@ -358,21 +358,14 @@ def list_bindings(
     cursor: str | None = None,
     limit: int = DEFAULT_LIMIT,
 ) -> tuple[list[RoleBinding], str | None]:
+    visible = principal.scope_filter("rolebinding.read", Tenant.path)
+    if principal.user_id is not None:
+        visible = visible | (RoleBinding.user_id == principal.user_id)  # one's own, always
     stmt = (
         select(RoleBinding)
         .join(Tenant, col(Tenant.id) == col(RoleBinding.tenant_id))
-        .where(principal.scope_filter("rolebinding.read", Tenant.path))
+        .where(visible)
     )
-    if principal.user_id is not None:
-        # everybody may see their own bindings
-        stmt = (
-            select(RoleBinding)
-            .join(Tenant, col(Tenant.id) == col(RoleBinding.tenant_id))
-            .where(
-                principal.scope_filter("rolebinding.read", Tenant.path)
-                | (RoleBinding.user_id == principal.user_id)
-            )
-        )
     if user_id is not None:
         stmt = stmt.where(RoleBinding.user_id == user_id)
     if tenant_id is not None:
