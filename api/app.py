@@ -10,7 +10,16 @@ from fastapi import FastAPI
 from api import problems
 from api.deps import SessionSource
 from api.middleware import Metrics, RequestContextMiddleware
-from api.routers import audit, health, identity, quotas, role_bindings, tenants, users
+from api.routers import (
+    audit,
+    health,
+    identity,
+    inventory,
+    quotas,
+    role_bindings,
+    tenants,
+    users,
+)
 from broker import __version__
 from broker.core.db import get_database
 from broker.core.logging import configure_logging
@@ -47,7 +56,7 @@ def create_app(db: SessionSource | None = None) -> FastAPI:
     app.state.db = db if db is not None else get_database()
     app.state.metrics = Metrics()
     problems.install(app)
-    for module in (health, identity, tenants, users, role_bindings, quotas, audit):
+    for module in (health, identity, tenants, users, role_bindings, quotas, audit, inventory):
         app.include_router(module.router)
     app.include_router(quotas.requests_router)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)

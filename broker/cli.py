@@ -288,6 +288,68 @@ def jobs_list() -> None:
         typer.echo(f"{job.name:<24} every {job.every_seconds:>5}s  {job.description}")
 
 
+def _stage_ticker(bar: Any) -> Any:
+    """A sync progress callback that moves the bar one step per stage (hosts, storage, ...)."""
+    stages: set[str] = set()
+
+    def tick(stage: str, done: int, total: int) -> None:
+        if stage not in stages:
+            stages.add(stage)
+            bar.update(1)
+
+    return tick
+
+
+@app.command()
+def sync(
+    provider: Annotated[
+        str | None, typer.Argument(help="provider name or id; every enabled one when left out")
+    ] = None,
+) -> None:
+    """Sync providers' inventory now, with progress; exit 1 if any provider failed."""
+    from broker.inventory import providers as provider_service
+    from broker.inventory import sync as inventory_sync
+
+    db = _database()
+    try:
+        with db.unit_of_work(write=False) as session:
+            if provider is None:
+                chosen = provider_service.list_providers(session, Principal.system(), enabled=True)
+            else:
+                chosen = [provider_service.by_name_or_id(session, provider)]
+            targets = [(p.id, p.name) for p in chosen]
+    except OperationalError as exc:
+        raise _fail(f"database unreachable or not migrated: {exc.orig}") from exc
+    except GovbrokerError as exc:
+        raise _fail(exc.detail) from exc
+    if not targets:
+        typer.echo("no enabled providers")
+        return
+    failed = 0
+    for pid, name in targets:
+        with typer.progressbar(length=4, label=f"{name:<20}", show_pos=True) as bar:
+            try:
+                outcome = inventory_sync.sync_provider(
+                    db, pid, trigger="cli", progress=_stage_ticker(bar)
+                )
+            except GovbrokerError as exc:
+                typer.secho(f"\n{name}: {exc.detail}", fg=typer.colors.RED, err=True)
+                failed += 1
+                continue
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(outcome.counts.items()) if v)
+        if outcome.status == "ok":
+            typer.echo(f"{name}: ok in {outcome.duration_ms} ms ({counts})")
+        else:
+            failed += 1
+            typer.secho(
+                f"{name}: FAILED after {outcome.duration_ms} ms: {outcome.error}",
+                fg=typer.colors.RED,
+                err=True,
+            )
+    if failed:
+        raise typer.Exit(1)
+
+
 @app.command()
 def demo(
     serve_after: Annotated[

@@ -539,8 +539,13 @@ def reserve(
     actor: str,
     ttl: timedelta | None = None,
     owner_ref: str | None = None,
+    force: bool = False,
 ) -> Reservation:
-    """Hold `deltas` for `tenant_id` until committed, released or expired; idempotent on `ref`."""
+    """Hold `deltas` for `tenant_id` until committed, released or expired; idempotent on `ref`.
+
+    `force` books past the limits: only for counting what already exists (adopting a server found
+    on a provider), never for creating anything. Usage then shows above the limit, and nothing
+    new fits until it is back under."""
     settings = get_settings()
     if not ref or len(ref) > 128:
         raise Invalid.field("ref", "must be 1 to 128 characters")
@@ -559,7 +564,7 @@ def reserve(
 
     now = clock.now()
     over = _shortfalls_locked(session, path, rows, clean, now)
-    if over:
+    if over and not force:
         raise QuotaExceeded(over)
     for code, amount in clean.items():
         own = rows.get((tenant_id, code))

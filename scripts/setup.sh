@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3-venv)
+# python3-venv: the project venv; libvirt-dev, pkg-config, gcc, python3-dev: building libvirt-python;
+# golang-go and govmomi's Go sources: building the vCenter simulator the tests talk to
+APT_PACKAGES=(python3-venv libvirt-dev pkg-config gcc python3-dev golang-go golang-github-vmware-govmomi-dev)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -22,5 +24,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # dependency groups (PEP 735) need pip 25.1 or newer
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade "pip>=25.1"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e . --group dev
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[openstack,vmware,libvirt]" --group dev
 echo "setup: ready ($(.venv/bin/python --version))"

@@ -14,4 +14,8 @@ pytest_plugins = [
     "tests.fixtures.auth",
     "tests.fixtures.clock",
     "tests.fixtures.quota",
+    "tests.fixtures.inventory",
+    "tests.peers.libvirt",
+    "tests.peers.vcsim",
+    "tests.peers.openstack",
 ]

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 from sqlmodel import Session
 
+from broker.core.db import SessionSource
+from broker.inventory import sync
 from quotas import ledger
 from quotas import service as quotas
 
@@ -19,9 +20,23 @@ log = structlog.get_logger(__name__)
 @dataclass(frozen=True)
 class Job:
     name: str
-    run: Callable[[Session], int]
+    run: Callable[[SessionSource], int]
     every_seconds: int
     description: str
+
+
+def in_one_unit_of_work(fn: Callable[[Session], int]) -> Callable[[SessionSource], int]:
+    def run(db: SessionSource) -> int:
+        with db.unit_of_work() as session:
+            return fn(session)
+
+    return run
+
+
+def sync_due_providers(db: SessionSource) -> int:
+    """Sync each enabled provider whose interval has passed; each in its own units of work,
+    because reading a provider must not hold a transaction open."""
+    return len(sync.sync_all(db, trigger="schedule", only_due=True))
 
 
 JOBS: dict[str, Job] = {
@@ -29,24 +44,28 @@ JOBS: dict[str, Job] = {
     for job in (
         Job(
             "reservation-sweep",
-            ledger.sweep_expired,
+            in_one_unit_of_work(ledger.sweep_expired),
             60,
             "release quota reservations past their expiry",
         ),
         Job(
             "quota-expiry-notices",
-            quotas.emit_expiry_notices,
+            in_one_unit_of_work(quotas.emit_expiry_notices),
             3600,
             "record notices 7 days and 1 day before a quota expires",
+        ),
+        Job(
+            "inventory-sync",
+            sync_due_providers,
+            60,
+            "sync every enabled provider whose sync interval has passed",
         ),
     )
 }
 
 
-def run_job(db: Any, name: str) -> int:
-    """Run one job in its own unit of work; returns what it processed."""
-    job = JOBS[name]
-    with db.unit_of_work() as session:
-        done = job.run(session)
+def run_job(db: SessionSource, name: str) -> int:
+    """Run one job; returns what it processed."""
+    done = JOBS[name].run(db)
     log.info("job finished", job=name, processed=done)
     return done

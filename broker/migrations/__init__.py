@@ -16,6 +16,7 @@ HERE = Path(__file__).parent
 def all_metadata() -> MetaData:
     """Import every domain's tables so the metadata is complete, and return it."""
     import broker.audit.models
+    import broker.inventory.models
     import broker.tenancy.models  # noqa: F401
     import quotas.models  # noqa: F401
     from broker.core.db import metadata

@@ -1,8 +1,7 @@
 """The driver contract: the same behaviour asked of every hypervisor driver.
 
 Each test speaks only the Driver interface. A driver joins the suite with one entry in `TARGETS`
-(a factory and the pytest marks that gate it, e.g. `pytest.mark.libvirt` for the libvirt test
-driver); the tests themselves never name a driver.
+(the pytest marks that gate it) and a fixture `contract_<kind>` that yields a connected Driver.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -33,32 +31,31 @@ from drivers.base import (
     open_driver,
 )
 
-
-@dataclass(frozen=True)
-class Target:
-    """How to open one driver for the contract suite."""
-
-    make: Callable[[], Driver]
-    marks: tuple[pytest.MarkDecorator, ...] = ()
-
-
-def _simulator() -> Driver:
-    return open_driver("simulator", "sim://contract", {}, {"retry_max_wait": 0})
-
-
-# kind → how to open it; libvirt ("test:///default"), vcsim and openstack join here with their marks
-TARGETS: dict[str, Target] = {
-    "simulator": Target(_simulator),
+# kind → the marks that gate it. Each driver's fixture `contract_<kind>` (in tests/peers/ for the
+# real peers) yields a fresh Driver connected to its peer; the tests below never name a driver.
+TARGETS: dict[str, tuple[pytest.MarkDecorator, ...]] = {
+    "simulator": (),
+    "libvirt": (pytest.mark.libvirt,),
+    "vmware": (pytest.mark.vcsim,),
+    "openstack": (pytest.mark.openstack,),
 }
 
 
-@pytest.fixture(params=[pytest.param(name, marks=t.marks, id=name) for name, t in TARGETS.items()])
-def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
-    d = TARGETS[request.param].make()
+@pytest.fixture
+def contract_simulator() -> Iterator[Driver]:
+    d = open_driver("simulator", "sim://contract", {}, {"retry_max_wait": 0})
     try:
         yield d
     finally:
         d.close()
+
+
+@pytest.fixture(
+    params=[pytest.param(kind, marks=marks, id=kind) for kind, marks in TARGETS.items()]
+)
+def driver(request: pytest.FixtureRequest) -> Driver:
+    d: Driver = request.getfixturevalue(f"contract_{request.param}")
+    return d
 
 
 Spawn = Callable[..., Server]
