@@ -176,7 +176,8 @@ def _bad_value(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", path=request.url.path)
+    # Starlette may call this handler outside the except block: pass the exception explicitly
+    log.error("unhandled error", path=request.url.path, exc_info=exc)
     return problem(
         request,
         500,

@@ -366,6 +366,13 @@ def demo(
     with db.unit_of_work() as session:
         seeded = tenancy.get_center(session) is not None
         people = [] if seeded else demo_data.seed(session)
+    if not seeded:
+        for outcome in demo_data.seed_inventory(db, settings.var_dir):
+            typer.echo(
+                f"provider {outcome.provider_name}: {outcome.status}, "
+                f"{outcome.counts.get('servers_seen', 0)} servers, "
+                f"{outcome.counts.get('adopted', 0)} adopted"
+            )
     if seeded:
         typer.echo("demo data already present; users as before")
     else:

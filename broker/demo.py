@@ -4,11 +4,18 @@ and a user for every role. Everything goes through the services, so it is audite
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 from sqlmodel import Session, select
 
 from broker.core.authz import Principal, Role
+from broker.core.db import SessionSource
+from broker.inventory import providers, sync
+from broker.inventory.schemas import ProviderCreate, ServiceCompanyCreate
 from broker.tenancy import service as tenancy
 from broker.tenancy import users
 from broker.tenancy.models import Tenant
@@ -195,3 +202,124 @@ def _pending_requests(session: Session, actor: Principal, people: list[DemoUser]
         changes={"storage_gb.ssd": 6000},
         justification="全民健康信息平台影像数据归档，需增加SSD存储",
     )
+
+
+# --- inventory: two service companies, each running a simulated provider ----------------------
+
+COMPANIES = [
+    ("zyskj", "政云数科技术有限公司", "Zhengyun Digital Technology Co."),
+    ("hbxc", "华北信创云服务有限公司", "North China Xinchuang Cloud Services Co."),
+]
+PROVIDERS: list[dict[str, Any]] = [
+    {
+        "name": "kvm-region-1",
+        "company": "zyskj",
+        "region": "主数据中心",
+        "overcommit": {"vcpu": Decimal("4.0"), "memory_mb": Decimal("1.0")},
+        "hosts": [
+            {"name": f"kvm-{i:02d}", "vcpu": 128, "memory_mb": 1024 * 1024, "cluster": "az1"}
+            for i in range(1, 17)
+        ],
+        "storage": {"ssd": 120_000, "hdd": 400_000},
+        "networks": [{"name": "gov-ext", "cidr": "10.16.0.0/16"}],
+    },
+    {
+        "name": "vsphere-dr",
+        "company": "hbxc",
+        "region": "同城灾备中心",
+        "overcommit": {"vcpu": Decimal("4.0"), "memory_mb": Decimal("1.0")},
+        "hosts": [
+            {"name": f"esxi-{i:02d}", "vcpu": 96, "memory_mb": 768 * 1024, "cluster": "dr-c1"}
+            for i in range(1, 9)
+        ],
+        "storage": {"ssd": 120_000, "hdd": 300_000},
+        "networks": [{"name": "dr-vlan-120", "cidr": "10.32.0.0/16"}],
+    },
+]
+# servers that ran before govbroker: (provider, owner tag or None, name, vcpu, memory_mb)
+LEGACY_SERVERS: list[tuple[str, str | None, str, int, int]] = [
+    ("kvm-region-1", "fgw-xmsp", "xmsp-web-01", 4, 8192),
+    ("kvm-region-1", "fgw-xmsp", "xmsp-db-01", 8, 32768),
+    ("kvm-region-1", "gaj-hjgl", "hjgl-app-01", 8, 16384),
+    ("kvm-region-1", "gaj-spjk", "spjk-media-01", 16, 65536),
+    ("kvm-region-1", "jyj-zsxt", "zsxt-web-01", 4, 8192),
+    ("kvm-region-1", "wjw-qmjk", "qmjk-etl-01", 8, 32768),
+    ("kvm-region-1", "czj-yszx", "yszx-app-01", 8, 16384),
+    ("vsphere-dr", "rsj-sbjf", "sbjf-standby-01", 4, 16384),
+    ("vsphere-dr", "jtj-gjdd", "gjdd-dr-01", 4, 8192),
+    ("vsphere-dr", "sthjj-zljc", "zljc-dr-01", 2, 4096),
+    ("kvm-region-1", None, "legacy-oa-01", 4, 8192),
+    ("kvm-region-1", None, "legacy-mail-01", 8, 16384),
+    ("vsphere-dr", None, "legacy-backup-01", 2, 4096),
+]
+
+
+def seed_inventory(db: SessionSource, var_dir: Path) -> list[sync.Outcome]:
+    """Register the demo providers (simulated clouds whose state lives in var_dir), put some
+    pre-existing servers on them, sync, and resize one behind govbroker's back so that the
+    console has adoption candidates, adopted servers and a drift to show."""
+    from drivers.base import ServerSpec, open_driver
+
+    actor = Principal.system("demo-seed")
+    var_dir.mkdir(parents=True, exist_ok=True)
+    created: dict[str, uuid.UUID] = {}
+    with db.unit_of_work() as session:
+        companies = {
+            code: providers.create_company(
+                session, actor, ServiceCompanyCreate(code=code, name_zh=zh, name_en=en)
+            ).id
+            for code, zh, en in COMPANIES
+        }
+        for spec in PROVIDERS:
+            state_file = (var_dir / f"sim-{spec['name']}.json").resolve()
+            options = {
+                "state": f"file:{state_file}",
+                "hosts": spec["hosts"],
+                "storage": spec["storage"],
+                "networks": spec["networks"],
+            }
+            created[spec["name"]] = providers.create_provider(
+                session,
+                actor,
+                ProviderCreate(
+                    kind="simulator",
+                    name=spec["name"],
+                    region=spec["region"],
+                    endpoint=f"sim://{spec['name']}",
+                    credentials={"username": "govbroker", "password": uuid.uuid4().hex},
+                    service_company_id=companies[spec["company"]],
+                    overcommit=spec["overcommit"],
+                    options=options,
+                ),
+            ).id
+    drivers = {}
+    with db.unit_of_work(write=False) as session:
+        for name, pid in created.items():
+            provider = session.get(providers.Provider, pid)
+            assert provider is not None
+            drivers[name] = open_driver(
+                provider.kind, provider.endpoint, {}, {**provider.options, "latency_ms": 0}
+            )
+    by_name: dict[str, str] = {}
+    for provider_name, owner, name, vcpu, memory_mb in LEGACY_SERVERS:
+        d = drivers[provider_name]
+        if d.find_server_by_tag(f"demo-{name}") is None:
+            server = d.create_server(
+                ServerSpec(
+                    name=name,
+                    image=d.list_images()[0].external_id,
+                    network=d.list_networks()[0].external_id,
+                    owner_tag=owner or "",
+                    request_tag=f"demo-{name}",
+                    vcpu=vcpu,
+                    memory_mb=memory_mb,
+                )
+            )
+            if owner is None:
+                d.set_owner(server.external_id, None)
+            by_name[name] = server.external_id
+    outcomes = sync.sync_all(db, trigger="demo", only_due=False, workers=1)
+    if "qmjk-etl-01" in by_name:
+        drivers["kvm-region-1"].resize(by_name["qmjk-etl-01"], vcpu=16, memory_mb=65536)
+        outcomes = sync.sync_all(db, trigger="demo", only_due=False, workers=1)
+    return outcomes

@@ -16,10 +16,12 @@ also misbehave on purpose, so the broker's retry, rollback and reconciliation pa
 Faults can be changed after construction with ``ex_inject(...)`` and ``ex_clear_faults()``.
 Every attempt is one call (a retried call counts twice), and faults apply per driver instance.
 
-State is per instance (``options["state"] == "memory"``, the default) or a process-wide named
+State is per instance (``options["state"] == "memory"``, the default), a process-wide named
 store (``"shared:<name>"``) that every instance with that name sees, as several connections to one
-real provider would; the first instance to open a shared store configures it, and
-``SimulatorDriver.ex_reset_shared(name)`` forgets it.
+real provider would, or a file (``"file:<path>"``): shared like a named store and written after
+every change, so the embedded demo's servers survive restarts. Hosts, pools, networks, flavors and
+images get ids derived from their names, stable across instances and restarts. The first instance
+to open a shared store configures it, and ``SimulatorDriver.ex_reset_shared(name)`` forgets it.
 
 ``create_server`` is idempotent by request tag: an attempt that finds a server already carrying the
 spec's request tag returns it instead of creating a second one, so retrying a create whose answer
@@ -29,12 +31,14 @@ was lost is safe.
 from __future__ import annotations
 
 import ipaddress
+import json
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from drivers.base import (
@@ -192,7 +196,7 @@ class _Store:
     def from_options(cls, options: Mapping[str, Any]) -> _Store:
         hosts = [
             _HostState(
-                external_id=str(uuid.uuid4()),
+                external_id=_stable_id("host", str(h["name"])),
                 name=str(h["name"]),
                 cluster=h.get("cluster"),
                 total={"vcpu": int(h["vcpu"]), "memory_mb": int(h["memory_mb"])},
@@ -201,16 +205,16 @@ class _Store:
         ]
         overcommit = {**DEFAULT_OVERCOMMIT, **(options.get("overcommit") or {})}
         pools = [
-            _PoolState(str(uuid.uuid4()), f"sim-{tier}-pool", str(tier), int(gb))
+            _PoolState(_stable_id("pool", str(tier)), f"sim-{tier}-pool", str(tier), int(gb))
             for tier, gb in (options.get("storage") or DEFAULT_STORAGE).items()
         ]
         networks = [
-            _NetworkState(str(uuid.uuid4()), str(n["name"]), n.get("cidr"))
+            _NetworkState(_stable_id("network", str(n["name"])), str(n["name"]), n.get("cidr"))
             for n in options.get("networks") or DEFAULT_NETWORKS
         ]
         flavors = [
             Flavor(
-                external_id=str(uuid.uuid4()),
+                external_id=_stable_id("flavor", str(f["name"])),
                 name=str(f["name"]),
                 vcpu=int(f["vcpu"]),
                 memory_mb=int(f["memory_mb"]),
@@ -220,7 +224,7 @@ class _Store:
         ]
         images = [
             Image(
-                external_id=str(uuid.uuid4()),
+                external_id=_stable_id("image", str(i["name"])),
                 name=str(i["name"]),
                 os=i.get("os"),
                 min_disk_gb=int(i.get("min_disk_gb", 0)),
@@ -282,6 +286,70 @@ class _Store:
         )
 
 
+def _stable_id(kind: str, name: str) -> str:
+    """The same configuration gives the same ids in every instance and after restarts, as a
+    real cloud's objects keep theirs."""
+    return str(uuid.uuid5(_ID_NAMESPACE, f"{kind}:{name}"))
+
+
+_ID_NAMESPACE = uuid.UUID("6f1c2a52-3d4e-4b8a-9c61-5a0e7d2b9f10")
+
+
+def _dump_servers(store: _Store) -> dict[str, Any]:
+    return {
+        "scopes": sorted(store.scopes),
+        "servers": [
+            {
+                **{k: getattr(srv, k) for k in _SERVER_SCALARS},
+                "disks": [[d.size_gb, d.tier, d.external_id] for d in srv.disks],
+                "ips": list(srv.ips),
+                "power_state": srv.power_state.value,
+                "created_at": srv.created_at.isoformat(),
+            }
+            for srv in store.servers.values()
+        ],
+    }
+
+
+def _load_servers(store: _Store, data: Mapping[str, Any]) -> None:
+    store.scopes = set(data.get("scopes", ()))
+    for item in data.get("servers", ()):
+        srv = _ServerState(
+            **{k: item[k] for k in _SERVER_SCALARS},
+            disks=[Disk(size_gb=d[0], tier=d[1], external_id=d[2]) for d in item["disks"]],
+            ips=list(item["ips"]),
+            power_state=PowerState(item["power_state"]),
+            created_at=datetime.fromisoformat(item["created_at"]),
+        )
+        store.servers[srv.external_id] = srv
+
+
+_SERVER_SCALARS = (
+    "external_id",
+    "name",
+    "vcpu",
+    "memory_mb",
+    "owner_tag",
+    "request_tag",
+    "host",
+    "network",
+    "image",
+    "flavor",
+    "scope",
+)
+MUTATING = frozenset(
+    {
+        "create_server",
+        "start",
+        "stop",
+        "reboot",
+        "resize",
+        "delete",
+        "set_owner",
+        "ensure_tenant_scope",
+    }
+)
+
 _SHARED: dict[str, _Store] = {}
 _SHARED_LOCK = threading.Lock()
 
@@ -320,6 +388,7 @@ class SimulatorDriver(Driver):
     def __init__(self, endpoint: str, credentials: Mapping[str, str], options: Mapping[str, Any]):
         super().__init__(endpoint, credentials, options)
         state = str(options.get("state", "memory"))
+        self._file: Path | None = None
         if state == "memory":
             self._store = _Store.from_options(options)
         elif state.startswith("shared:") and state.removeprefix("shared:"):
@@ -328,8 +397,19 @@ class SimulatorDriver(Driver):
                 if name not in _SHARED:
                     _SHARED[name] = _Store.from_options(options)
                 self._store = _SHARED[name]
+        elif state.startswith("file:") and state.removeprefix("file:"):
+            self._file = Path(state.removeprefix("file:"))
+            with _SHARED_LOCK:
+                if state not in _SHARED:
+                    store = _Store.from_options(options)
+                    if self._file.exists():
+                        _load_servers(store, json.loads(self._file.read_text("utf-8")))
+                    _SHARED[state] = store
+                self._store = _SHARED[state]
         else:
-            raise Unsupported(f"simulator: unknown state {state!r} (memory or shared:<name>)")
+            raise Unsupported(
+                f"simulator: unknown state {state!r} (memory, shared:<name> or file:<path>)"
+            )
         self._latency_s = float(options.get("latency_ms", 0)) / 1000.0
         self._timeout_s = float(options.get("timeout_ms", 0)) / 1000.0
         attempts = max(1, int(options.get("retries", 3)))
@@ -446,9 +526,21 @@ class SimulatorDriver(Driver):
     def _remote(self, op: str, fn: Callable[[], T]) -> T:
         def attempt() -> T:
             self._call(op)
-            return fn()
+            result = fn()
+            if self._file is not None and op in MUTATING:
+                self._save()
+            return result
 
         return self._retry(attempt)()
+
+    def _save(self) -> None:
+        """Write the servers to the state file (whole, then renamed: never half a file)."""
+        assert self._file is not None
+        with self._store.lock:
+            text = json.dumps(_dump_servers(self._store), ensure_ascii=False, indent=1)
+        tmp = self._file.with_name(f".{self._file.name}.{uuid.uuid4().hex}")
+        tmp.write_text(text, "utf-8")
+        tmp.replace(self._file)
 
     # -- inventory --
 

@@ -207,7 +207,9 @@ class Server(SQLModel, table=True):
     # what the ledger holds for this server ({resource class: amount}); empty when unmanaged
     booked: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON(), nullable=False))
     # {"size": {"before": {...}, "after": {...}}, "owner": {"before": .., "after": ..}} or NULL
-    drift: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(), nullable=True))
+    drift: dict[str, Any] | None = Field(
+        default=None, sa_column=Column(JSON(none_as_null=True), nullable=True)
+    )
     drift_at: datetime | None = Field(default=None, sa_column=_ts(True))
     # why sync could not adopt a server whose provider-side owner names a tenant
     adopt_error: str | None = Field(default=None, sa_column=Column(String(1000), nullable=True))

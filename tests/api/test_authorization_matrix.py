@@ -22,6 +22,8 @@ Each matrix row is (user, method, path template, body, expected status[, field t
 Templates are filled from `refs`: {t[code]} a tenant id, {u[username]} a user id, {rb[username]}
 the id of that user's estate role binding, {tok[b-member]} an API token of b-member, {missing} an
 id that exists nowhere. Quota cases run on the limits of tests/fixtures/quota.py (`quota_estate`).
+Inventory cases add {p} a synced simulator provider, {co} a service company and {srv[...]} its
+servers: `a` owned by system a1, `a2` by system a2, `b` by system b1, and `loose`, unmanaged.
 """
 
 from __future__ import annotations
@@ -37,11 +39,16 @@ from sqlalchemy import func, select
 
 from broker.audit.models import AuditEvent
 from broker.core.authz import Principal
+from broker.inventory import providers, sync
+from broker.inventory.models import Server
+from broker.inventory.schemas import ServiceCompanyCreate
 from broker.tenancy import auth, users
 from broker.tenancy.models import RoleBinding, User
 from broker.tenancy.schemas import RoleBindingCreate, UserCreate
 from quotas import requests as quota_requests
+from quotas import service as quota_service
 from tests.fixtures.auth import ESTATE_USERS, PASSWORD
+from tests.fixtures.inventory import SimCloud
 
 PROBLEM = "application/problem+json"
 
@@ -86,6 +93,23 @@ API_ENDPOINTS: list[tuple[str, str]] = [
     ("POST", "/api/v1/quota-requests/{request_id}/approve"),
     ("POST", "/api/v1/quota-requests/{request_id}/reject"),
     ("POST", "/api/v1/quota-requests/{request_id}/withdraw"),
+    ("GET", "/api/v1/service-companies"),
+    ("POST", "/api/v1/service-companies"),
+    ("GET", "/api/v1/service-companies/{company_id}"),
+    ("PATCH", "/api/v1/service-companies/{company_id}"),
+    ("GET", "/api/v1/providers"),
+    ("POST", "/api/v1/providers"),
+    ("GET", "/api/v1/providers/{provider_id}"),
+    ("PATCH", "/api/v1/providers/{provider_id}"),
+    ("POST", "/api/v1/providers/{provider_id}/check"),
+    ("POST", "/api/v1/providers/{provider_id}/sync"),
+    ("GET", "/api/v1/providers/{provider_id}/sync-runs"),
+    ("GET", "/api/v1/inventory/hosts"),
+    ("GET", "/api/v1/inventory/storage"),
+    ("GET", "/api/v1/inventory/capacity"),
+    ("GET", "/api/v1/servers"),
+    ("GET", "/api/v1/servers/{server_id}"),
+    ("POST", "/api/v1/servers/{server_id}/adopt"),
 ]
 PROBE_ENDPOINTS: list[tuple[str, str]] = [
     ("GET", "/healthz"),
@@ -774,6 +798,277 @@ def test_quota_request_list_shows_only_requests_in_scope(user, expected, qr_refs
     assert {agency_of[t] for t in got} == expected
 
 
+# --- inventory: the center's business; servers wherever server.read holds ------------------------
+
+NEW_COMPANY = {"code": "new-co", "name_zh": "新服务商"}
+COMPANY_EDIT = {"contact": "值班电话 010-12345678"}
+NEW_PROVIDER = {
+    "kind": "simulator",
+    "name": "new-sim",
+    "endpoint": "sim://new-sim",
+    "credentials": {"username": "u", "password": "pw-of-new-sim"},
+}
+PROVIDER_EDIT = {"sync_interval_s": 900}
+
+
+def adopt_to(code: str) -> dict[str, Any]:
+    return {"tenant_id": f"{{t[{code}]}}"}
+
+
+@pytest.fixture
+def inv_cloud(sim_cloud) -> SimCloud:  # type: ignore[no-untyped-def]
+    return sim_cloud()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def center_refs(refs, inv_cloud, db) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """refs plus {p}, a registered simulator provider, and {co}, a service company."""
+    with db.unit_of_work() as s:
+        company = providers.create_company(
+            s,
+            Principal.system("test-setup"),
+            ServiceCompanyCreate(code="svc-co", name_zh="某服务商"),
+        )
+    return {**refs, "p": str(inv_cloud.provider_id), "co": str(company.id)}
+
+
+@pytest.fixture
+def inv_refs(  # type: ignore[no-untyped-def]
+    center_refs, quota_estate, inv_cloud, db
+) -> dict[str, Any]:
+    """center_refs plus servers {srv[..]} of the provider, synced: `a`, `a2` and `b` adopted by
+    their owner tags into a1, a2 and b1, and `loose` with no owner. The agencies get storage,
+    memory and instance limits besides the quota estate's, because sync adopts a server by its
+    owner tag only when every class it holds fits."""
+    system = Principal.system("test-setup")
+    with db.unit_of_work() as s:
+        for code in ("a", "b"):
+            for rc in ("storage_gb.ssd", "storage_gb.hdd", "memory_mb", "instances"):
+                quota_service.set_quota(s, system, quota_estate.tid(code), rc, limit=100_000)
+    spawned = {
+        key: inv_cloud.spawn(owner=owner, name=f"srv-{key}")
+        for key, owner in (("a", "a/a1"), ("a2", "a/a2"), ("b", "b/b1"), ("loose", None))
+    }
+    outcome = sync.sync_provider(db, inv_cloud.provider_id)
+    assert outcome.status == "ok" and outcome.counts.get("adopted") == 3, outcome
+    with db.unit_of_work(write=False) as s:
+        stmt = select(Server.external_id, Server.id).where(  # type: ignore[call-overload]
+            Server.provider_id == inv_cloud.provider_id
+        )
+        by_external = dict(s.execute(stmt).all())
+    return {
+        **center_refs,
+        "srv": {key: str(by_external[srv.external_id]) for key, srv in spawned.items()},
+    }
+
+
+AGENCY_USERS = [u for u, home, *_ in ESTATE_USERS if home != "center"]
+# Providers, companies, hosts, storage and capacity are read with inventory.read at the center:
+# center_admin and the center's auditor. Center finance sees the center but lacks the right (403);
+# agency users do not see the center at all, so its inventory does not exist for them (404) —
+# lists included, since a list of the center's objects is itself the center's.
+CENTER_READ = {"admin": 200, "auditor": 200, "finance": 403} | dict.fromkeys(AGENCY_USERS, 404)
+CENTER_WRITE = {"auditor": 403, "finance": 403} | dict.fromkeys(AGENCY_USERS, 404)
+CENTER_ONLY_READS = [
+    "/api/v1/service-companies",
+    "/api/v1/service-companies/{co}",
+    "/api/v1/providers",
+    "/api/v1/providers/{p}",
+    "/api/v1/providers/{p}/sync-runs",
+    "/api/v1/inventory/hosts",
+    "/api/v1/inventory/storage",
+    "/api/v1/inventory/capacity",
+]
+# (method, path, body, the center administrator's status)
+CENTER_ONLY_WRITES = [
+    ("POST", "/api/v1/service-companies", NEW_COMPANY, 201),
+    ("PATCH", "/api/v1/service-companies/{co}", COMPANY_EDIT, 200),
+    ("POST", "/api/v1/providers", NEW_PROVIDER, 201),
+    ("PATCH", "/api/v1/providers/{p}", PROVIDER_EDIT, 200),
+    ("POST", "/api/v1/providers/{p}/check", None, 200),
+    ("POST", "/api/v1/providers/{p}/sync", None, 200),
+]
+
+# fmt: off
+INVENTORY_CENTER = rows(
+    *[(u, "GET", path, None, status) for path in CENTER_ONLY_READS
+      for u, status in CENTER_READ.items()],
+    *[("admin", m, path, body, ok) for m, path, body, ok in CENTER_ONLY_WRITES],
+    *[(u, m, path, body, status) for m, path, body, _ in CENTER_ONLY_WRITES
+      for u, status in CENTER_WRITE.items()],
+    ("admin", "GET", "/api/v1/providers/{missing}", None, 404),
+    ("admin", "GET", "/api/v1/service-companies/{missing}", None, 404),
+    ("admin", "PATCH", "/api/v1/providers/{missing}", PROVIDER_EDIT, 404),
+    ("admin", "POST", "/api/v1/providers/{missing}/sync", None, 404),
+    ("admin", "GET", "/api/v1/inventory/capacity?provider_id={missing}", None, 404),
+)
+# fmt: on
+
+
+@pytest.mark.parametrize("case", INVENTORY_CENTER)
+def test_providers_companies_and_capacity_are_the_centers_alone(case, center_refs, clients, db):
+    run(case, clients, center_refs, db)
+
+
+# Servers are read where server.read holds: agency admins, members and auditors in their subtree,
+# the center's administrator and auditor everywhere; unmanaged ones only by readers of the center's
+# inventory. Finance roles see the tenants (and the center) without the right: 403, not 404.
+# Adopting is the center administrator's; everyone else who can see the server gets 403.
+# fmt: off
+SERVERS = rows(
+    *[(u, "GET", "/api/v1/servers", None, 200) for u, *_ in ESTATE_USERS],
+    ("admin", "GET", "/api/v1/servers/{srv[a]}", None, 200),
+    ("admin", "GET", "/api/v1/servers/{srv[loose]}", None, 200),
+    ("admin", "GET", "/api/v1/servers/{missing}", None, 404),
+    ("auditor", "GET", "/api/v1/servers/{srv[b]}", None, 200),
+    ("auditor", "GET", "/api/v1/servers/{srv[loose]}", None, 200),
+    ("finance", "GET", "/api/v1/servers/{srv[a]}", None, 403),
+    ("finance", "GET", "/api/v1/servers/{srv[loose]}", None, 403),
+    ("a-admin", "GET", "/api/v1/servers/{srv[a]}", None, 200),
+    ("a-admin", "GET", "/api/v1/servers/{srv[a2]}", None, 200),
+    ("a-admin", "GET", "/api/v1/servers/{srv[b]}", None, 404),
+    ("a-admin", "GET", "/api/v1/servers/{srv[loose]}", None, 404),
+    ("a-member", "GET", "/api/v1/servers/{srv[a]}", None, 200),
+    ("a-member", "GET", "/api/v1/servers/{srv[a2]}", None, 404),
+    ("a-member", "GET", "/api/v1/servers/{srv[loose]}", None, 404),
+    ("a-finance", "GET", "/api/v1/servers/{srv[a]}", None, 403),
+    ("a-finance", "GET", "/api/v1/servers/{srv[b]}", None, 404),
+    ("a-auditor", "GET", "/api/v1/servers/{srv[a2]}", None, 200),
+    ("a-auditor", "GET", "/api/v1/servers/{srv[b]}", None, 404),
+    ("a-auditor", "GET", "/api/v1/servers/{srv[loose]}", None, 404),
+    ("b-admin", "GET", "/api/v1/servers/{srv[b]}", None, 200),
+    ("b-admin", "GET", "/api/v1/servers/{srv[a]}", None, 404),
+    ("b-member", "GET", "/api/v1/servers/{srv[b]}", None, 200),
+    ("b-member", "GET", "/api/v1/servers/{srv[a]}", None, 404),
+    # adopting
+    ("admin", "POST", "/api/v1/servers/{srv[loose]}/adopt", adopt_to("a1"), 200),
+    ("admin", "POST", "/api/v1/servers/{srv[a]}/adopt", adopt_to("a1"), 409),
+    ("admin", "POST", "/api/v1/servers/{srv[loose]}/adopt", adopt_to("center"), 409, "tenant_id"),
+    ("admin", "POST", "/api/v1/servers/{srv[loose]}/adopt", {"tenant_id": "{missing}"}, 422,
+     "tenant_id"),
+    ("admin", "POST", "/api/v1/servers/{missing}/adopt", adopt_to("a1"), 404),
+    ("auditor", "POST", "/api/v1/servers/{srv[loose]}/adopt", adopt_to("a1"), 403),
+    ("auditor", "POST", "/api/v1/servers/{srv[b]}/adopt", adopt_to("b1"), 403),
+    ("finance", "POST", "/api/v1/servers/{srv[loose]}/adopt", adopt_to("a1"), 403),
+    ("a-admin", "POST", "/api/v1/servers/{srv[a]}/adopt", adopt_to("a1"), 403),
+    ("a-admin", "POST", "/api/v1/servers/{srv[a]}/adopt", adopt_to("b1"), 422, "tenant_id"),
+    ("a-admin", "POST", "/api/v1/servers/{srv[loose]}/adopt", adopt_to("a1"), 404),
+    ("a-admin", "POST", "/api/v1/servers/{srv[b]}/adopt", adopt_to("b1"), 404),
+    ("a-member", "POST", "/api/v1/servers/{srv[a]}/adopt", adopt_to("a1"), 403),
+    ("a-finance", "POST", "/api/v1/servers/{srv[a]}/adopt", adopt_to("a1"), 403),
+    ("a-auditor", "POST", "/api/v1/servers/{srv[a]}/adopt", adopt_to("a1"), 403),
+    ("b-admin", "POST", "/api/v1/servers/{srv[b]}/adopt", adopt_to("b1"), 403),
+    ("b-admin", "POST", "/api/v1/servers/{srv[loose]}/adopt", adopt_to("b1"), 404),
+    ("b-member", "POST", "/api/v1/servers/{srv[b]}/adopt", adopt_to("b1"), 403),
+)
+# fmt: on
+
+
+@pytest.mark.parametrize("case", SERVERS)
+def test_servers_are_read_in_scope_and_adopted_only_by_the_center(case, inv_refs, clients, db):
+    run(case, clients, inv_refs, db)
+
+
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [
+        ("admin", {"a", "a2", "b", "loose"}),
+        ("auditor", {"a", "a2", "b", "loose"}),
+        ("finance", set()),
+        ("a-admin", {"a", "a2"}),
+        ("a-auditor", {"a", "a2"}),
+        ("a-member", {"a"}),
+        ("a-finance", set()),
+        ("b-admin", {"b"}),
+        ("b-member", {"b"}),
+    ],
+)
+def test_server_list_shows_only_servers_in_scope(user, expected, inv_refs, clients):
+    key_of = {sid: key for key, sid in inv_refs["srv"].items()}
+    got = _all_pages(clients[user], "/api/v1/servers", "id")
+    assert sorted(key_of[s] for s in got) == sorted(expected)
+
+
+def test_server_list_filtered_by_another_agency_is_an_invalid_reference(inv_refs, clients):
+    for tenant in ("b", "b1", "center"):
+        resp = clients["a-admin"].get(
+            "/api/v1/servers", params={"tenant_id": inv_refs["t"][tenant]}
+        )
+        expect(resp, 422, "tenant_id")
+
+
+CENTER_ONLY_LISTS = [
+    ("GET", "/api/v1/service-companies"),
+    ("GET", "/api/v1/providers"),
+    ("GET", "/api/v1/inventory/hosts"),
+    ("GET", "/api/v1/inventory/storage"),
+    ("GET", "/api/v1/inventory/capacity"),
+    ("POST", "/api/v1/service-companies"),
+    ("POST", "/api/v1/providers"),
+]
+
+
+def test_agency_users_get_one_and_the_same_problem_on_every_center_only_collection(
+    center_refs, clients, db
+):
+    """No agency role can tell one center-only collection from another, nor learn anything from
+    the answer: the same status, type and title everywhere, and nothing written."""
+    before = audit_count(db)
+    answers = set()
+    for user in AGENCY_USERS:
+        for method, path in CENTER_ONLY_LISTS:
+            body = {"/api/v1/providers": NEW_PROVIDER, "/api/v1/service-companies": NEW_COMPANY}
+            resp = clients[user].request(
+                method, path, json=body.get(path) if method == "POST" else None
+            )
+            problem = assert_problem(resp, resp.status_code)
+            answers.add((resp.status_code, problem["type"], problem["title"]))
+    assert answers == {(404, "urn:govbroker:problem:not-found", "Not found")}
+    assert audit_count(db) == before
+
+
+# (method, path with an object the caller cannot see, the same with an id that exists nowhere, body)
+# fmt: off
+INVENTORY_HIDDEN_VS_MISSING = [
+    ("GET", "/api/v1/providers/{p}", "/api/v1/providers/{missing}", None),
+    ("PATCH", "/api/v1/providers/{p}", "/api/v1/providers/{missing}", PROVIDER_EDIT),
+    ("POST", "/api/v1/providers/{p}/check", "/api/v1/providers/{missing}/check", None),
+    ("POST", "/api/v1/providers/{p}/sync", "/api/v1/providers/{missing}/sync", None),
+    ("GET", "/api/v1/providers/{p}/sync-runs", "/api/v1/providers/{missing}/sync-runs", None),
+    ("GET", "/api/v1/inventory/hosts?provider_id={p}",
+     "/api/v1/inventory/hosts?provider_id={missing}", None),
+    ("GET", "/api/v1/service-companies/{co}", "/api/v1/service-companies/{missing}", None),
+    ("PATCH", "/api/v1/service-companies/{co}", "/api/v1/service-companies/{missing}",
+     COMPANY_EDIT),
+    ("GET", "/api/v1/servers/{srv[b]}", "/api/v1/servers/{missing}", None),
+    ("GET", "/api/v1/servers/{srv[loose]}", "/api/v1/servers/{missing}", None),
+    ("POST", "/api/v1/servers/{srv[b]}/adopt", "/api/v1/servers/{missing}/adopt", adopt_to("a1")),
+    ("POST", "/api/v1/servers/{srv[loose]}/adopt", "/api/v1/servers/{missing}/adopt",
+     adopt_to("a1")),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("method", "hidden", "missing", "body"),
+    INVENTORY_HIDDEN_VS_MISSING,
+    ids=[f"{m} {h}" for m, h, _, _ in INVENTORY_HIDDEN_VS_MISSING],
+)
+def test_hidden_inventory_looks_exactly_like_missing_inventory(
+    method, hidden, missing, body, clients, inv_refs
+):
+    def answer(path: str) -> dict[str, Any]:
+        resp = clients["a-admin"].request(method, fill(path, inv_refs), json=fill(body, inv_refs))
+        problem = assert_problem(resp, resp.status_code)
+        assert resp.status_code == 404
+        shown = {k: v for k, v in problem.items() if k not in ("instance", "request_id")}
+        return {
+            "problem": re.sub(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", "<id>", repr(shown))
+        }
+
+    assert answer(hidden) == answer(missing)
+
+
 # --- the caller's own account and tokens: every role, nobody else's -------------------------------
 
 # fmt: off
@@ -928,6 +1223,11 @@ _SAMPLE_BODY: dict[tuple[str, str], dict[str, Any]] = {
         "role": "member",
         "tenant_id": str(uuid.uuid4()),
     },
+    ("POST", "/api/v1/service-companies"): NEW_COMPANY,
+    ("PATCH", "/api/v1/service-companies/{company_id}"): COMPANY_EDIT,
+    ("POST", "/api/v1/providers"): NEW_PROVIDER,
+    ("PATCH", "/api/v1/providers/{provider_id}"): PROVIDER_EDIT,
+    ("POST", "/api/v1/servers/{server_id}/adopt"): {"tenant_id": str(uuid.uuid4())},
 }
 NEEDS_AUTH = [e for e in API_ENDPOINTS if e != ("POST", "/api/v1/auth/login")]
 
@@ -991,6 +1291,8 @@ ROLE_TABLES = [
     CENTER_ADMIN,
     QUOTAS,
     QUOTA_REQUESTS,
+    INVENTORY_CENTER,
+    SERVERS,
     SELF_SERVICE,
 ]
 

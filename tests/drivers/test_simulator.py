@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from drivers.base import (
     Disk,
     DriverError,
     NotFound,
+    PowerState,
     ProviderQuotaExceeded,
     ServerSpec,
     Unauthorized,
@@ -465,3 +467,39 @@ def test_concurrent_creates_never_overfill_a_host() -> None:
     assert sorted(outcomes) == ["created"] * 8 + ["refused"] * 8
     (host,) = d.list_hosts()
     assert host.capacity.allocated["vcpu"] == 8
+
+
+def test_file_state_survives_a_restart_and_inventory_ids_are_stable(tmp_path: Path) -> None:
+    state = f"file:{tmp_path / 'cloud.json'}"
+    first = SimulatorDriver("sim://demo", {}, {"state": state})
+    image = first.list_images()[0]
+    created = first.create_server(
+        ServerSpec(
+            name="持久化",
+            image=image.external_id,
+            network=first.list_networks()[0].external_id,
+            owner_tag="fgw",
+            request_tag="req-file-1",
+            vcpu=2,
+            memory_mb=2048,
+        )
+    )
+    first.stop(created.external_id)
+    hosts = [h.external_id for h in first.list_hosts()]
+    SimulatorDriver.ex_reset_shared(state)  # as if the process had ended
+
+    again = SimulatorDriver("sim://demo", {}, {"state": state})
+    back = again.get_server(created.external_id)
+    assert (back.name, back.vcpu, back.owner_tag, back.power_state) == (
+        "持久化",
+        2,
+        "fgw",
+        PowerState.stopped,
+    )
+    assert back.disks == created.disks and back.created_at == created.created_at
+    assert [h.external_id for h in again.list_hosts()] == hosts
+    assert again.list_images()[0].external_id == image.external_id
+    again.delete(created.external_id)
+    SimulatorDriver.ex_reset_shared(state)
+    assert SimulatorDriver("sim://demo", {}, {"state": state}).list_servers() == []
+    SimulatorDriver.ex_reset_shared(state)
