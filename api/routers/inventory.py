@@ -112,11 +112,9 @@ def update_provider(
 
 @router.post("/api/v1/providers/{provider_id}/check")
 def check_provider(
-    provider_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
+    provider_id: uuid.UUID, db: DatabaseDep, principal: PrincipalDep
 ) -> ConnectionCheck:
-    result = providers.check_connection(session, principal, provider_id)
-    session.commit()
-    return result
+    return providers.check_connection(db, principal, provider_id)
 
 
 @router.post("/api/v1/providers/{provider_id}/sync")

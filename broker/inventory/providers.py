@@ -15,12 +15,14 @@ from decimal import Decimal
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from broker.audit import service as audit
 from broker.core import clock
 from broker.core.authz import Principal
 from broker.core.crypto import decrypt, encrypt
+from broker.core.db import SessionSource
 from broker.core.errors import Conflict, Invalid, NotFound
 from broker.inventory.models import Provider, ServiceCompany
 from broker.inventory.schemas import (
@@ -84,7 +86,7 @@ def create_company(
     _company_code_free(session, data.code)
     company = ServiceCompany(**data.model_dump())
     session.add(company)
-    session.flush()
+    _flush_unique(session, "code", f"service company code {data.code!r}")
     audit.record(
         session,
         principal,
@@ -208,6 +210,14 @@ def _check_refs(session: Session, kind: str, endpoint: str, company_id: uuid.UUI
         raise Invalid.field("service_company_id", f"no service company {company_id}", "not_found")
 
 
+def _flush_unique(session: Session, field: str, what: str) -> None:
+    """A concurrent insert of the same name loses here with a 409, not a 500."""
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        raise Conflict.field(field, f"{what} is already used", "duplicate") from exc
+
+
 def _name_free(session: Session, name: str, but: uuid.UUID | None = None) -> None:
     found = session.execute(select(Provider.id).where(Provider.name == name)).scalar()
     if found is not None and found != but:
@@ -236,7 +246,7 @@ def create_provider(session: Session, principal: Principal, data: ProviderCreate
         adopt_by_owner=data.adopt_by_owner,
     )
     session.add(provider)
-    session.flush()
+    _flush_unique(session, "name", f"provider name {data.name!r}")
     audit.record(
         session,
         principal,
@@ -291,7 +301,7 @@ def update_provider(
     for key, value in changes.items():
         setattr(provider, key, value)
     provider.updated_at = clock.now()
-    session.flush()
+    _flush_unique(session, "name", f"provider name {provider.name!r}")
     audit.record(
         session,
         principal,
@@ -311,51 +321,51 @@ def driver_for(provider: Provider) -> Driver:
 
 
 def check_connection(
-    session: Session, principal: Principal, provider_id: uuid.UUID
+    db: SessionSource, principal: Principal, provider_id: uuid.UUID
 ) -> ConnectionCheck:
     """Connect and authenticate now. A refusal is an answer (ok false with the provider's
-    reason, credentials scrubbed), not an error of this request."""
-    provider = session.get(Provider, provider_id)
-    center = center_for(session, principal, MANAGE, f"provider {provider_id}")
-    if provider is None:
-        raise NotFound(f"provider {provider_id} not found")
+    reason, credentials scrubbed), not an error of this request. No transaction is open while
+    the provider is being asked: a slow or hung one must not hold a database lock."""
+    with db.unit_of_work(write=False) as session:
+        center_for(session, principal, MANAGE, f"provider {provider_id}")
+        provider = session.get(Provider, provider_id)
+        if provider is None:
+            raise NotFound(f"provider {provider_id} not found")
+        session.expunge(provider)
     creds = credentials_of(provider)
     started = time.monotonic()
-    result: ConnectionCheck
+    error: str | None = None
+    error_type: str | None = None
     try:
         driver = driver_for(provider)
         try:
             driver.check()
         finally:
             driver.close()
-        result = ConnectionCheck(ok=True, latency_ms=int((time.monotonic() - started) * 1000))
     except DriverError as exc:
-        result = ConnectionCheck(
-            ok=False,
-            latency_ms=int((time.monotonic() - started) * 1000),
-            error=scrub(exc.provider_message, creds),
-            error_type=type(exc).__name__,
-        )
+        error, error_type = scrub(exc.provider_message, creds), type(exc).__name__
     except Exception as exc:  # a driver bug is still an answer about this provider, scrubbed
-        log.error("provider check crashed", provider=provider.name, error=scrub(repr(exc), creds))
-        result = ConnectionCheck(
-            ok=False,
-            latency_ms=int((time.monotonic() - started) * 1000),
-            error=scrub(f"{type(exc).__name__}: {exc}", creds),
-            error_type=type(exc).__name__,
+        error = scrub(f"{type(exc).__name__}: {exc}", creds)
+        error_type = type(exc).__name__
+        log.error("provider check crashed", provider=provider.name, error=error)
+    result = ConnectionCheck(
+        ok=error is None,
+        latency_ms=int((time.monotonic() - started) * 1000),
+        error=error,
+        error_type=error_type,
+    )
+    with db.unit_of_work() as session:
+        center = center_for(session, principal, MANAGE, f"provider {provider_id}")
+        audit.record(
+            session,
+            principal,
+            "provider.check",
+            tenant=center,
+            target_type="provider",
+            target_id=provider.id,
+            after=result.model_dump(),
         )
-    audit.record(
-        session,
-        principal,
-        "provider.check",
-        tenant=center,
-        target_type="provider",
-        target_id=provider.id,
-        after=result.model_dump(),
-    )
-    log.info(
-        "provider connection checked", provider=provider.name, ok=result.ok, error=result.error
-    )
+    log.info("provider connection checked", provider=provider.name, ok=result.ok, error=error)
     return result
 
 

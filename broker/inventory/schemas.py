@@ -36,6 +36,9 @@ def check_endpoint(kind: str, endpoint: str) -> None:
         parts = urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"a {kind} endpoint is an http(s) URL")
+        if parts.username or parts.password:
+            # the endpoint is shown and logged; secrets belong in credentials, which are not
+            raise ValueError("put the user and password in credentials, not in the URL")
     elif kind == "libvirt":
         uris = endpoint.replace(",", " ").split()
         if not uris or not all(":/" in u for u in uris):

@@ -56,6 +56,11 @@ Progress = Callable[[str, int, int], None]
 DriverFactory = Callable[[Provider], drv.Driver]
 
 STALE_RUN = timedelta(hours=1)
+LAST_SEEN_PRECISION = timedelta(hours=1)
+# a listing that suddenly lacks this share of the live servers (and more than MASS_GONE_MIN)
+# is taken for a provider-side fault, not a mass deletion: the run fails and nothing is released
+MASS_GONE_SHARE = 0.5
+MASS_GONE_MIN = 10
 _SERVERS = Server.__table__  # type: ignore[attr-defined]
 _HOSTS = InventoryHost.__table__  # type: ignore[attr-defined]
 _STORAGE = InventoryStorage.__table__  # type: ignore[attr-defined]
@@ -72,6 +77,27 @@ def tenant_code_of(owner_tag: str | None) -> str | None:
     if not owner_tag:
         return None
     return owner_tag.rstrip("/").rsplit("/", 1)[-1] or None
+
+
+def resolve_owner(
+    owner_tag: str | None,
+    by_code: Mapping[str, TenantRef],
+    by_id: Mapping[uuid.UUID, TenantRef],
+) -> TenantRef | None:
+    """The tenant a provider-side owner names, or None. A path ("agency/system") must be the
+    tenant's real ancestry, so that "b/a1" adopts nothing rather than a's a1."""
+    code = tenant_code_of(owner_tag)
+    ref = by_code.get(code or "")
+    if ref is None or ref.kind == TenantKind.center:
+        return None
+    assert owner_tag is not None
+    parts = [p for p in owner_tag.strip("/").split("/") if p]
+    node: TenantRef | None = ref
+    for expected in reversed(parts[:-1]):
+        node = by_id.get(node.parent_id) if node and node.parent_id else None
+        if node is None or node.code != expected:
+            return None
+    return ref
 
 
 def size_of(
@@ -122,6 +148,10 @@ def observe(driver: drv.Driver, progress: Progress | None = None) -> Observed:
 # --- step 2: apply ------------------------------------------------------------------------------
 
 
+class MassVanish(Conflict):
+    """Too many servers missing at once to be believed."""
+
+
 @dataclass
 class Counts:
     values: dict[str, int] = field(default_factory=dict)
@@ -144,17 +174,23 @@ _SERVER_FIELDS = (
 )
 
 
+def _clip(value: str | None) -> str | None:
+    # the columns hold 255 characters; a longer folder path must not fail the whole sync
+    return value if value is None or len(value) <= 255 else value[:255]
+
+
 def _server_values(s: drv.Server) -> dict[str, Any]:
     return {
-        "name": s.name[:255],
+        "name": _clip(s.name),
         "vcpu": s.vcpu,
         "memory_mb": s.memory_mb,
         "disks": [{"size_gb": d.size_gb, "tier": d.tier} for d in s.disks],
-        "ips": list(s.ips),
+        # the order a provider lists addresses in is not a change
+        "ips": sorted(s.ips),
         "power_state": str(s.power_state),
-        "host": s.host,
-        "owner_tag": s.owner_tag,
-        "request_tag": s.request_tag,
+        "host": _clip(s.host),
+        "owner_tag": _clip(s.owner_tag),
+        "request_tag": _clip(s.request_tag),
         "created_at": s.created_at,
     }
 
@@ -165,11 +201,18 @@ class TenantRef:
     code: str
     kind: str
     status: str
+    parent_id: uuid.UUID | None
 
 
 def _tenants(session: Session) -> tuple[dict[str, TenantRef], dict[uuid.UUID, TenantRef]]:
     rows = session.execute(
-        sa_select(col(Tenant.id), col(Tenant.code), col(Tenant.kind), col(Tenant.status))
+        sa_select(
+            col(Tenant.id),
+            col(Tenant.code),
+            col(Tenant.kind),
+            col(Tenant.status),
+            col(Tenant.parent_id),
+        )
     ).all()
     refs = [TenantRef(*r) for r in rows]
     return {t.code: t for t in refs}, {t.id: t for t in refs}
@@ -190,7 +233,9 @@ def _drift(
     seen = {k: v for k, v in observed_size.items() if k != "instances"}
     if booked and held != seen:
         out["size"] = {"before": held, "after": seen}
-    if mapped is None or mapped.id != tenant.id:
+    # a tag naming no tenant (none, or a foreign one) is common on servers adopted by hand:
+    # only a provider-side owner naming another tenant is a change of hands
+    if mapped is not None and mapped.id != tenant.id:
         out["owner"] = {"before": tenant.code, "after": owner_tag}
     return out or None
 
@@ -230,7 +275,7 @@ def _apply_servers(
             continue  # a provider listing the same object twice (paging over a moving list)
         seen.add(s.external_id)
         values = _server_values(s)
-        mapped = by_code.get(tenant_code_of(s.owner_tag) or "")
+        mapped = resolve_owner(s.owner_tag, by_code, by_id)
         old = stored.get(s.external_id)
         if old is None:
             counts.add("servers_new")
@@ -294,15 +339,28 @@ def _apply_servers(
         )
         conn.execute(stmt, updates)
     gone = [r for ext, r in stored.items() if ext not in seen and r.gone_at is None]
+    live = sum(1 for r in stored.values() if r.gone_at is None)
+    believable = len(gone) <= MASS_GONE_MIN or len(gone) <= live * MASS_GONE_SHARE
+    if not believable and not provider.options.get("allow_mass_gone"):
+        raise MassVanish(
+            f"{len(gone)} of {live} servers vanished from one listing; refusing to mark them "
+            "gone (a provider fault is likelier; set the provider option allow_mass_gone to "
+            "accept it)"
+        )
     if gone:
         conn.execute(
             update(_SERVERS).where(_SERVERS.c.id == bindparam("_id")).values(gone_at=now),
             [{"_id": r.id} for r in gone],
         )
-    # everything still there was seen now: one statement, not one per server
+    # everything still there was seen now: one statement, not one per server, and at most
+    # hourly per row, so that a sync of an unchanged provider rewrites nothing
     conn.execute(
         update(_SERVERS)
-        .where(_SERVERS.c.provider_id == provider.id, _SERVERS.c.gone_at.is_(None))
+        .where(
+            _SERVERS.c.provider_id == provider.id,
+            _SERVERS.c.gone_at.is_(None),
+            _SERVERS.c.last_seen < now - LAST_SEEN_PRECISION,
+        )
         .values(last_seen=now)
     )
     counts.add("servers_gone", len(gone))
@@ -359,7 +417,15 @@ def _upsert_simple(
     ]
     if new:
         conn.execute(insert(table), new)
-    seen = [{"_id": stored[ext].id, **values} for ext, values in rows.items() if ext in stored]
+    seen = [
+        {"_id": stored[ext].id, **values}
+        for ext, values in rows.items()
+        if ext in stored
+        and (
+            stored[ext].gone_at is not None
+            or any(getattr(stored[ext], f) != v for f, v in values.items())
+        )
+    ]
     if seen:
         conn.execute(
             update(table)
@@ -440,7 +506,7 @@ def book(
     the quota says, and forcing records it over the limit (audited with the shortfall)."""
     if server.gone_at is not None:
         raise Conflict(f"server {server.name} is gone from its provider")
-    if server.tenant_id is not None and server.booked:
+    if server.booked:
         raise Conflict(f"server {server.name} is already managed")
     if tenant.kind == TenantKind.center or tenant.status != TenantStatus.active:
         raise Conflict.field(
@@ -452,7 +518,8 @@ def book(
         raise Conflict(f"no resource class for storage tier(s) {', '.join(missing)}")
     size = size_of(server.vcpu, server.memory_mb, server.disks, classes)
     over = ledger.check(session, tenant.id, size)
-    if over and not force:
+    # force goes past a limit, never past a level with no quota or one outside its window
+    if over and (not force or any(o.reason != "limit" for o in over)):
         raise QuotaExceeded(over)
     ref = owner_ref(server.id)
     reservation = ledger.reserve(
@@ -500,73 +567,91 @@ def _release_gone(db: SessionSource, provider_id: uuid.UUID, counts: Counts) -> 
                 sa_select(col(Server.id), col(Server.booked)).where(
                     col(Server.provider_id) == provider_id,
                     col(Server.gone_at).is_not(None),
-                    col(Server.tenant_id).is_not(None),
                 )
             ).all()
             if booked
         ]
     for server_id in ids:
-        with db.unit_of_work() as session:
-            server = session.get(Server, server_id, with_for_update=True)
-            if server is None or server.gone_at is None or not server.booked:
-                continue
-            ledger.release_owner(session, owner_ref(server.id))
-            before = dict(server.booked)
-            server.booked = {}
-            server.drift = None
-            server.drift_at = None
-            session.add(server)
-            audit.record(
-                session,
-                Principal.system("inventory-sync"),
-                "server.gone",
-                tenant=_tenant_row(session, server.tenant_id) if server.tenant_id else None,
-                target_type="server",
-                target_id=server.id,
-                before={"booked": before},
-                after={"booked": {}, "gone_at": server.gone_at},
-            )
+        try:
+            _release_one(db, server_id)
+        except GovbrokerError as exc:  # one server's trouble must not starve the rest
+            log.warning("release of a gone server failed", server=str(server_id), error=exc.detail)
+            counts.add("release_failed")
+            continue
         counts.add("released")
 
 
+def _release_one(db: SessionSource, server_id: uuid.UUID) -> None:
+    with db.unit_of_work() as session:
+        server = session.get(Server, server_id, with_for_update=True)
+        if server is None or server.gone_at is None or not server.booked:
+            return
+        ledger.release_owner(session, owner_ref(server.id))
+        before = dict(server.booked)
+        server.booked = {}
+        server.drift = None
+        server.drift_at = None
+        session.add(server)
+        audit.record(
+            session,
+            Principal.system("inventory-sync"),
+            "server.gone",
+            tenant=_tenant_row(session, server.tenant_id) if server.tenant_id else None,
+            target_type="server",
+            target_id=server.id,
+            before={"booked": before},
+            after={"booked": {}, "gone_at": server.gone_at},
+        )
+
+
 def _adopt_by_owner(db: SessionSource, provider_id: uuid.UUID, counts: Counts) -> None:
+    """Book servers that should count and do not: those whose provider-side owner names a
+    tenant (adopted when they fit), and owned servers that came back after being gone (booked
+    again for their owner, forced: they exist whatever the quota says)."""
     with db.unit_of_work(write=False) as session:
-        by_code, _ = _tenants(session)
-        candidates = [
-            (sid, by_code[code])
-            for sid, tag, tenant_id, booked in session.execute(
-                sa_select(
-                    col(Server.id), col(Server.owner_tag), col(Server.tenant_id), col(Server.booked)
-                ).where(
-                    col(Server.provider_id) == provider_id,
-                    col(Server.gone_at).is_(None),
-                    col(Server.owner_tag).is_not(None),
-                )
-            ).all()
-            if not booked
-            and (code := tenant_code_of(tag)) in by_code
-            and tenant_id in (None, by_code[code].id)
-            and by_code[code].kind != TenantKind.center
-        ]
+        by_code, by_id = _tenants(session)
+        rows = session.execute(
+            sa_select(
+                col(Server.id),
+                col(Server.owner_tag),
+                col(Server.tenant_id),
+                col(Server.booked),
+                col(Server.adopt_error),
+            ).where(col(Server.provider_id) == provider_id, col(Server.gone_at).is_(None))
+        ).all()
+    work: list[tuple[uuid.UUID, TenantRef, bool, str | None]] = []
+    for sid, tag, tenant_id, booked, adopt_error in rows:
+        if booked:
+            continue
+        if tenant_id is not None and tenant_id in by_id:
+            work.append((sid, by_id[tenant_id], True, adopt_error))
+        elif (ref := resolve_owner(tag, by_code, by_id)) is not None:
+            work.append((sid, ref, False, adopt_error))
     actor = Principal.system("inventory-sync")
-    for server_id, ref in candidates:
+    for server_id, ref, returning, previous_error in work:
         try:
             with db.unit_of_work() as session:
                 server = session.get(Server, server_id, with_for_update=True)
                 tenant = session.get(Tenant, ref.id)
-                if server is None or tenant is None or server.booked:
+                if server is None or tenant is None or server.booked or server.gone_at:
                     continue
-                book(session, server, tenant, actor=actor)
-            counts.add("adopted")
+                reason = "back at its provider after being gone" if returning else None
+                book(session, server, tenant, actor=actor, force=returning, reason=reason)
+            counts.add("rebooked" if returning else "adopted")
         except GovbrokerError as exc:
-            log.warning("adopt failed", error=exc.detail, server=str(server_id))
+            error = f"{ref.code}: {exc.detail}"[:1000]
+            counts.add("adopt_failed")
+            if error == previous_error:
+                continue  # already recorded: no write, no log line per sync
+            log.info("adoption refused", error=exc.detail, server=str(server_id))
             with db.unit_of_work() as session:
                 server = session.get(Server, server_id, with_for_update=True)
-                if server is not None:
-                    server.tenant_id = None
-                    server.adopt_error = f"{ref.code}: {exc.detail}"[:1000]
+                # someone may have booked it meanwhile: then it is not ours to touch
+                if server is not None and not server.booked and server.gone_at is None:
+                    server.adopt_error = error
+                    if not returning:
+                        server.tenant_id = None
                     session.add(server)
-            counts.add("adopt_failed")
 
 
 # --- one provider, all providers ----------------------------------------------------------------
@@ -628,6 +713,10 @@ def _finish_run(
         run = session.get(SyncRun, run_id, with_for_update=True)
         provider = session.get(Provider, provider_id, with_for_update=True)
         assert run is not None and provider is not None
+        if run.status != SyncStatus.running.value:
+            # declared abandoned meanwhile: its verdict stands and a newer run owns the provider
+            error = error or f"finished after being declared {run.status}"
+            status = SyncStatus.failed
         now = clock.now()
         run.status = status.value
         run.finished_at = now
@@ -663,9 +752,10 @@ def sync_provider(
     provider's message, credentials scrubbed), never an exception: the others go on."""
     started = time.monotonic()
     run_id, provider = _start_run(db, provider_id, trigger)
-    creds = providers.credentials_of(provider)
     counts = Counts()
+    creds: dict[str, str] = {}
     try:
+        creds = providers.credentials_of(provider)
         driver = (driver_factory or providers.driver_for)(provider)
         try:
             observed = observe(driver, progress)
@@ -676,6 +766,10 @@ def sync_provider(
         _release_gone(db, provider.id, counts)
         if provider.adopt_by_owner:
             _adopt_by_owner(db, provider.id, counts)
+    except GovbrokerError as exc:  # e.g. credentials the configured keys cannot decrypt
+        message = providers.scrub(f"{type(exc).__name__}: {exc.detail}", creds)
+        log.warning("provider sync failed", provider=provider.name, error=message)
+        return _finish_run(db, run_id, provider.id, started, counts.values, message)
     except drv.DriverError as exc:
         message = providers.scrub(f"{type(exc).__name__}: {exc.provider_message}", creds)
         log.warning("provider sync failed", provider=provider.name, error=message)
@@ -737,6 +831,9 @@ def sync_all(
             return sync_provider(db, pid, trigger=trigger, driver_factory=driver_factory)
         except Conflict as exc:  # being synced by someone else, or disabled meanwhile
             log.info("provider sync skipped", provider_id=str(pid), reason=exc.detail)
+            return None
+        except Exception:  # one provider's bookkeeping failing must not lose the others
+            log.exception("provider sync could not run", provider_id=str(pid))
             return None
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(provider_ids)))) as pool:
