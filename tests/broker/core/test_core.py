@@ -106,7 +106,8 @@ def test_naive_datetimes_are_refused(engine):
 @given(
     st.lists(
         st.one_of(
-            st.text(max_size=40),
+            # keys come from rows, and no stored string holds NUL (PostgreSQL cannot)
+            st.text(st.characters(blacklist_characters="\x00"), max_size=40),
             st.integers(min_value=-(2**62), max_value=2**62),
             st.uuids(),
             st.datetimes(timezones=st.just(UTC)),
@@ -121,7 +122,8 @@ def test_cursor_round_trips_its_values(values):
 
 
 @pytest.mark.parametrize(
-    "garbage", ["", "!!!", "bm90IGpzb24", encode_cursor("a", "b"), encode_cursor(1)]
+    "garbage",
+    ["", "!!!", "bm90IGpzb24", encode_cursor("a", "b"), encode_cursor(1), encode_cursor("a\x00")],
 )
 def test_cursor_garbage_is_an_invalid_cursor_field(garbage):
     with pytest.raises(Invalid) as info:
