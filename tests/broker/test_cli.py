@@ -12,15 +12,18 @@ from broker import migrations
 from broker.cli import app
 from broker.core.db import Database
 from broker.core.settings import get_settings
+from broker.inventory.models import Server
 from broker.tenancy.models import RoleBinding, User
 
 runner = CliRunner()
 
 
 @pytest.fixture
-def use_database(monkeypatch) -> Iterator:  # type: ignore[type-arg]
+def use_database(monkeypatch, tmp_path) -> Iterator:  # type: ignore[type-arg]
     def point_at(url: str) -> None:
         monkeypatch.setenv("GOVBROKER_DATABASE_URL", url)
+        # local state (keys, the demo's simulated clouds) stays out of the working tree
+        monkeypatch.setenv("GOVBROKER_VAR_DIR", str(tmp_path / "var"))
         get_settings.cache_clear()
 
     yield point_at
@@ -105,8 +108,19 @@ def test_demo_seeds_once_and_reports_users(tmp_path, use_database):
     table = lines[lines.index(next(ln for ln in lines if ln.startswith("user "))) + 1 :]
     roles_seen = {ln.split()[1] for ln in table[: table.index("")]}
     assert {"center_admin", "agency_admin", "member", "finance", "auditor"} <= roles_seen
+    # the inventory: two simulated providers synced, servers adopted, unmanaged and drifted
+    assert "provider kvm-region-1: ok" in first.output
+    with Database(url).unit_of_work(write=False) as s:
+        servers = s.execute(select(Server)).scalars().all()
+    assert sum(1 for v in servers if v.tenant_id is None) == 3
+    assert [v.name for v in servers if v.drift] == ["qmjk-etl-01"]
+    assert sorted(p.name for p in (tmp_path / "var").glob("sim-*.json")) == [
+        "sim-kvm-region-1.json",
+        "sim-vsphere-dr.json",
+    ]
     second = runner.invoke(app, ["demo", "--no-serve"])
     assert second.exit_code == 0
     assert "already present" in second.output
+    assert "provider " not in second.output
     with Database(url).unit_of_work(write=False) as s:
         assert s.execute(select(func.count()).select_from(User)).scalar_one() == users
