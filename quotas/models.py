@@ -30,12 +30,8 @@ from sqlalchemy import (
 from sqlmodel import Field, SQLModel
 
 from broker.core.clock import now
-from broker.core.db import UTCDateTime
+from broker.core.db import utc_column
 from broker.core.ids import new_id
-
-
-def _ts(nullable: bool = False) -> Any:
-    return Column(UTCDateTime(), nullable=nullable)
 
 
 def _tenant_fk(nullable: bool = False, index: bool = False) -> Any:
@@ -75,12 +71,12 @@ class Quota(SQLModel, table=True):
     depth: int = Field(sa_column=Column(SmallInteger(), nullable=False))
     # NULL: no limit of its own at this level (a system sharing its agency's pool)
     hard_limit: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))
-    valid_from: datetime = Field(default_factory=now, sa_column=_ts())
-    valid_until: datetime | None = Field(default=None, sa_column=_ts(True))
+    valid_from: datetime = Field(default_factory=now, sa_column=utc_column())
+    valid_until: datetime | None = Field(default=None, sa_column=utc_column(True))
     committed: int = Field(default=0, sa_column=Column(BigInteger(), nullable=False))
     reserved: int = Field(default=0, sa_column=Column(BigInteger(), nullable=False))
-    created_at: datetime = Field(default_factory=now, sa_column=_ts())
-    updated_at: datetime = Field(default_factory=now, sa_column=_ts())
+    created_at: datetime = Field(default_factory=now, sa_column=utc_column())
+    updated_at: datetime = Field(default_factory=now, sa_column=utc_column())
 
 
 class Reservation(SQLModel, table=True):
@@ -98,9 +94,9 @@ class Reservation(SQLModel, table=True):
     agency_id: uuid.UUID = Field(sa_column=_tenant_fk())
     owner_ref: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
     state: str = Field(default="reserved", sa_column=Column(String(16), nullable=False))
-    expires_at: datetime = Field(sa_column=_ts())
-    created_at: datetime = Field(default_factory=now, sa_column=_ts())
-    settled_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    expires_at: datetime = Field(sa_column=utc_column())
+    created_at: datetime = Field(default_factory=now, sa_column=utc_column())
+    settled_at: datetime | None = Field(default=None, sa_column=utc_column(True))
     created_by: str = Field(sa_column=Column(String(64), nullable=False))
 
 
@@ -129,10 +125,10 @@ class Allocation(SQLModel, table=True):
     amount: int = Field(sa_column=Column(BigInteger(), nullable=False))
     state: str = Field(default="reserved", sa_column=Column(String(16), nullable=False))
     owner_ref: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
-    expires_at: datetime = Field(sa_column=_ts())
-    created_at: datetime = Field(default_factory=now, sa_column=_ts())
-    committed_at: datetime | None = Field(default=None, sa_column=_ts(True))
-    released_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    expires_at: datetime = Field(sa_column=utc_column())
+    created_at: datetime = Field(default_factory=now, sa_column=utc_column())
+    committed_at: datetime | None = Field(default=None, sa_column=utc_column(True))
+    released_at: datetime | None = Field(default=None, sa_column=utc_column(True))
 
 
 class QuotaNotice(SQLModel, table=True):
@@ -148,9 +144,9 @@ class QuotaNotice(SQLModel, table=True):
     tenant_id: uuid.UUID = Field(sa_column=_tenant_fk(index=True))
     resource_class: str = Field(sa_column=Column(String(32), nullable=False))
     kind: str = Field(sa_column=Column(String(16), nullable=False))
-    valid_until: datetime = Field(sa_column=_ts())
-    created_at: datetime = Field(default_factory=now, sa_column=_ts())
-    delivered_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    valid_until: datetime = Field(sa_column=utc_column())
+    created_at: datetime = Field(default_factory=now, sa_column=utc_column())
+    delivered_at: datetime | None = Field(default=None, sa_column=utc_column(True))
 
 
 class QuotaRequest(SQLModel, table=True):
@@ -173,8 +169,8 @@ class QuotaRequest(SQLModel, table=True):
     decision_reason: str | None = Field(default=None, sa_column=Column(String(2000), nullable=True))
     requested_by: uuid.UUID | None = Field(default=None, sa_column=Column(Uuid(), nullable=True))
     decided_by: uuid.UUID | None = Field(default=None, sa_column=Column(Uuid(), nullable=True))
-    created_at: datetime = Field(default_factory=now, sa_column=_ts())
-    decided_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    created_at: datetime = Field(default_factory=now, sa_column=utc_column())
+    decided_at: datetime | None = Field(default=None, sa_column=utc_column(True))
     attachment_name: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
     attachment_type: str | None = Field(default=None, sa_column=Column(String(100), nullable=True))
     attachment_size: int | None = Field(default=None, sa_column=Column(Integer(), nullable=True))

@@ -31,7 +31,7 @@ from sqlalchemy import (
 from sqlmodel import Field, SQLModel
 
 from broker.core.clock import now
-from broker.core.db import UTCDateTime
+from broker.core.db import utc_column
 from broker.core.ids import new_id
 
 
@@ -46,10 +46,6 @@ class SyncStatus(StrEnum):
     running = "running"
     ok = "ok"
     failed = "failed"
-
-
-def _ts(nullable: bool = False) -> Any:
-    return Column(UTCDateTime(), nullable=nullable)
 
 
 def _provider_fk() -> Any:
@@ -68,8 +64,8 @@ class ServiceCompany(SQLModel, table=True):
     # 统一社会信用代码: 18 characters
     credit_code: str | None = Field(default=None, sa_column=Column(String(18), nullable=True))
     contact: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
-    created_at: datetime = Field(default_factory=now, sa_column=_ts())
-    updated_at: datetime = Field(default_factory=now, sa_column=_ts())
+    created_at: datetime = Field(default_factory=now, sa_column=utc_column())
+    updated_at: datetime = Field(default_factory=now, sa_column=utc_column())
 
 
 class Provider(SQLModel, table=True):
@@ -100,11 +96,11 @@ class Provider(SQLModel, table=True):
     adopt_by_owner: bool = Field(default=True, sa_column=Column(Boolean(), nullable=False))
     # WaitForUpdatesEx version (VMware) or similar cursor for incremental sync
     sync_cursor: str | None = Field(default=None, sa_column=Column(Text(), nullable=True))
-    last_sync_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    last_sync_at: datetime | None = Field(default=None, sa_column=utc_column(True))
     last_sync_status: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
     last_sync_error: str | None = Field(default=None, sa_column=Column(Text(), nullable=True))
-    created_at: datetime = Field(default_factory=now, sa_column=_ts())
-    updated_at: datetime = Field(default_factory=now, sa_column=_ts())
+    created_at: datetime = Field(default_factory=now, sa_column=utc_column())
+    updated_at: datetime = Field(default_factory=now, sa_column=utc_column())
 
 
 class SyncRun(SQLModel, table=True):
@@ -120,8 +116,8 @@ class SyncRun(SQLModel, table=True):
     status: str = Field(
         default=SyncStatus.running.value, sa_column=Column(String(16), nullable=False)
     )
-    started_at: datetime = Field(default_factory=now, sa_column=_ts())
-    finished_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    started_at: datetime = Field(default_factory=now, sa_column=utc_column())
+    finished_at: datetime | None = Field(default=None, sa_column=utc_column(True))
     duration_ms: int | None = Field(default=None, sa_column=Column(Integer(), nullable=True))
     counts: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON(), nullable=False))
     error: str | None = Field(default=None, sa_column=Column(Text(), nullable=True))
@@ -145,8 +141,8 @@ class InventoryHost(SQLModel, table=True):
     overcommit: dict[str, str] = Field(
         default_factory=dict, sa_column=Column(JSON(), nullable=False)
     )
-    last_seen: datetime = Field(default_factory=now, sa_column=_ts())
-    gone_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    last_seen: datetime = Field(default_factory=now, sa_column=utc_column())
+    gone_at: datetime | None = Field(default=None, sa_column=utc_column(True))
 
 
 class InventoryStorage(SQLModel, table=True):
@@ -160,8 +156,8 @@ class InventoryStorage(SQLModel, table=True):
     tier: str = Field(sa_column=Column(String(32), nullable=False))
     capacity_gb: int = Field(sa_column=Column(BigInteger(), nullable=False))
     free_gb: int = Field(sa_column=Column(BigInteger(), nullable=False))
-    last_seen: datetime = Field(default_factory=now, sa_column=_ts())
-    gone_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    last_seen: datetime = Field(default_factory=now, sa_column=utc_column())
+    gone_at: datetime | None = Field(default=None, sa_column=utc_column(True))
 
 
 class InventoryNetwork(SQLModel, table=True):
@@ -173,8 +169,8 @@ class InventoryNetwork(SQLModel, table=True):
     external_id: str = Field(sa_column=Column(String(255), nullable=False))
     name: str = Field(sa_column=Column(String(255), nullable=False))
     cidr: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
-    last_seen: datetime = Field(default_factory=now, sa_column=_ts())
-    gone_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    last_seen: datetime = Field(default_factory=now, sa_column=utc_column())
+    gone_at: datetime | None = Field(default=None, sa_column=utc_column(True))
 
 
 class Server(SQLModel, table=True):
@@ -210,11 +206,11 @@ class Server(SQLModel, table=True):
     drift: dict[str, Any] | None = Field(
         default=None, sa_column=Column(JSON(none_as_null=True), nullable=True)
     )
-    drift_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    drift_at: datetime | None = Field(default=None, sa_column=utc_column(True))
     # why sync could not adopt a server whose provider-side owner names a tenant
     adopt_error: str | None = Field(default=None, sa_column=Column(String(1000), nullable=True))
-    created_at: datetime | None = Field(default=None, sa_column=_ts(True))
-    first_seen: datetime = Field(default_factory=now, sa_column=_ts())
-    last_seen: datetime = Field(default_factory=now, sa_column=_ts())
-    gone_at: datetime | None = Field(default=None, sa_column=_ts(True))
-    adopted_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    created_at: datetime | None = Field(default=None, sa_column=utc_column(True))
+    first_seen: datetime = Field(default_factory=now, sa_column=utc_column())
+    last_seen: datetime = Field(default_factory=now, sa_column=utc_column())
+    gone_at: datetime | None = Field(default=None, sa_column=utc_column(True))
+    adopted_at: datetime | None = Field(default=None, sa_column=utc_column(True))

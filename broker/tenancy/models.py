@@ -10,7 +10,7 @@ from sqlalchemy import CheckConstraint, Column, ForeignKey, Index, String, Uniqu
 from sqlmodel import Field, SQLModel
 
 from broker.core.clock import now
-from broker.core.db import UTCDateTime
+from broker.core.db import utc_column
 from broker.core.ids import new_id
 
 
@@ -29,10 +29,6 @@ class TenantStatus(StrEnum):
 class UserStatus(StrEnum):
     active = "active"
     disabled = "disabled"
-
-
-def _ts(nullable: bool = False) -> Column:  # type: ignore[type-arg]
-    return Column(UTCDateTime(), nullable=nullable)
 
 
 class Tenant(SQLModel, table=True):
@@ -64,8 +60,8 @@ class Tenant(SQLModel, table=True):
     contact_email: str | None = Field(default=None, sa_column=Column(String(254), nullable=True))
     contact_phone: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
     description: str | None = Field(default=None, sa_column=Column(String(1000), nullable=True))
-    created_at: datetime = Field(default_factory=now, sa_column=_ts())
-    updated_at: datetime = Field(default_factory=now, sa_column=_ts())
+    created_at: datetime = Field(default_factory=now, sa_column=utc_column())
+    updated_at: datetime = Field(default_factory=now, sa_column=utc_column())
 
 
 class User(SQLModel, table=True):
@@ -85,12 +81,12 @@ class User(SQLModel, table=True):
         sa_column=Column(Uuid(), ForeignKey("tenant.id"), nullable=False, index=True)
     )
     password_hash: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
-    password_changed_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    password_changed_at: datetime | None = Field(default=None, sa_column=utc_column(True))
     failed_logins: int = Field(default=0)
-    locked_until: datetime | None = Field(default=None, sa_column=_ts(True))
-    last_login_at: datetime | None = Field(default=None, sa_column=_ts(True))
-    created_at: datetime = Field(default_factory=now, sa_column=_ts())
-    updated_at: datetime = Field(default_factory=now, sa_column=_ts())
+    locked_until: datetime | None = Field(default=None, sa_column=utc_column(True))
+    last_login_at: datetime | None = Field(default=None, sa_column=utc_column(True))
+    created_at: datetime = Field(default_factory=now, sa_column=utc_column())
+    updated_at: datetime = Field(default_factory=now, sa_column=utc_column())
 
 
 class RoleBinding(SQLModel, table=True):
@@ -112,7 +108,7 @@ class RoleBinding(SQLModel, table=True):
     tenant_id: uuid.UUID = Field(
         sa_column=Column(Uuid(), ForeignKey("tenant.id"), nullable=False, index=True)
     )
-    created_at: datetime = Field(default_factory=now, sa_column=_ts())
+    created_at: datetime = Field(default_factory=now, sa_column=utc_column())
 
 
 class ApiToken(SQLModel, table=True):
@@ -128,7 +124,7 @@ class ApiToken(SQLModel, table=True):
     token_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
     # the first characters, so a user can tell tokens apart; not enough to use one
     prefix: str = Field(sa_column=Column(String(16), nullable=False))
-    created_at: datetime = Field(default_factory=now, sa_column=_ts())
-    expires_at: datetime = Field(sa_column=_ts())
-    last_used_at: datetime | None = Field(default=None, sa_column=_ts(True))
-    revoked_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    created_at: datetime = Field(default_factory=now, sa_column=utc_column())
+    expires_at: datetime = Field(sa_column=utc_column())
+    last_used_at: datetime | None = Field(default=None, sa_column=utc_column(True))
+    revoked_at: datetime | None = Field(default=None, sa_column=utc_column(True))
