@@ -543,9 +543,9 @@ def reserve(
 ) -> Reservation:
     """Hold `deltas` for `tenant_id` until committed, released or expired; idempotent on `ref`.
 
-    `force` books past the limits: only for counting what already exists (adopting a server found
-    on a provider), never for creating anything. Usage then shows above the limit, and nothing
-    new fits until it is back under."""
+    `force` books past the limits (never past a missing or lapsed quota): only for counting what
+    already exists (adopting a server found on a provider), never for creating anything. Usage
+    then shows above the limit, and nothing new fits until it is back under."""
     settings = get_settings()
     if not ref or len(ref) > 128:
         raise Invalid.field("ref", "must be 1 to 128 characters")
@@ -564,7 +564,8 @@ def reserve(
 
     now = clock.now()
     over = _shortfalls_locked(session, path, rows, clean, now)
-    if over and not force:
+    # force goes past a limit, never past a level with no quota or one outside its window
+    if over and (not force or any(o.reason != "limit" for o in over)):
         raise QuotaExceeded(over)
     for code, amount in clean.items():
         own = rows.get((tenant_id, code))

@@ -10,9 +10,8 @@ from fastapi import APIRouter, Depends, Query
 from api.deps import DEFAULT_PAGE, NO_NUL, Cursor, Limit, PrincipalDep, SessionDep, database
 from api.schemas import Page
 from broker.core.db import SessionSource
-from broker.core.errors import NotFound
 from broker.inventory import providers, service, sync
-from broker.inventory.models import Provider, SyncRun
+from broker.inventory.models import SyncRun
 from broker.inventory.schemas import (
     Adopt,
     ConnectionCheck,
@@ -125,10 +124,6 @@ def sync_provider(
     units of work: no transaction stays open while the provider is being read."""
     with db.unit_of_work(write=False) as session:
         providers.center_for(session, principal, "inventory.sync", f"provider {provider_id}")
-        provider = session.get(Provider, provider_id)
-        if provider is None:
-            raise NotFound(f"provider {provider_id} not found")
-        providers.require_enabled(provider)
     outcome = sync.sync_provider(db, provider_id, trigger="api")
     with db.unit_of_work(write=False) as session:
         run = session.get(SyncRun, outcome.run_id)

@@ -355,23 +355,17 @@ def check_connection(
         error_type=error_type,
     )
     with db.unit_of_work() as session:
-        center = center_for(session, principal, MANAGE, f"provider {provider_id}")
         audit.record(
             session,
             principal,
             "provider.check",
-            tenant=center,
+            tenant=tenancy.get_center(session),
             target_type="provider",
             target_id=provider.id,
             after=result.model_dump(),
         )
     log.info("provider connection checked", provider=provider.name, ok=result.ok, error=error)
     return result
-
-
-def require_enabled(provider: Provider) -> None:
-    if not provider.enabled:
-        raise Conflict(f"provider {provider.name} is disabled", extra={"enabled": False})
 
 
 def by_name_or_id(session: Session, ref: str) -> Provider:

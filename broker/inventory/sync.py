@@ -18,9 +18,10 @@ from __future__ import annotations
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,7 +34,14 @@ from broker.audit import service as audit
 from broker.core import clock
 from broker.core.authz import Principal
 from broker.core.db import SessionSource
-from broker.core.errors import Conflict, GovbrokerError, QuotaExceeded, describe
+from broker.core.errors import (
+    Conflict,
+    GovbrokerError,
+    NotFound,
+    OverLimit,
+    QuotaExceeded,
+    describe,
+)
 from broker.inventory import providers
 from broker.inventory.models import (
     InventoryHost,
@@ -47,7 +55,6 @@ from broker.inventory.models import (
 from broker.tenancy.models import Tenant, TenantKind, TenantStatus
 from drivers import base as drv
 from quotas import ledger
-from quotas.models import ResourceClass
 
 log = structlog.get_logger(__name__)
 
@@ -152,14 +159,6 @@ class MassVanish(Conflict):
     """Too many servers missing at once to be believed."""
 
 
-@dataclass
-class Counts:
-    values: dict[str, int] = field(default_factory=dict)
-
-    def add(self, key: str, n: int = 1) -> None:
-        self.values[key] = self.values.get(key, 0) + n
-
-
 _SERVER_FIELDS = (
     "name",
     "vcpu",
@@ -245,11 +244,11 @@ def _apply_servers(
     provider: Provider,
     servers: Sequence[drv.Server],
     now: datetime,
-    counts: Counts,
+    counts: Counter[str],
     progress: Progress | None,
 ) -> None:
     by_code, by_id = _tenants(session)
-    classes = list(session.execute(sa_select(col(ResourceClass.code))).scalars())
+    classes = ledger.resource_classes(session)
     stored = {
         r.external_id: r
         for r in session.connection().execute(
@@ -278,7 +277,7 @@ def _apply_servers(
         mapped = resolve_owner(s.owner_tag, by_code, by_id)
         old = stored.get(s.external_id)
         if old is None:
-            counts.add("servers_new")
+            counts["servers_new"] += 1
             inserts.append(
                 {
                     "id": uuid.uuid4(),
@@ -308,9 +307,9 @@ def _apply_servers(
         changed = any(values[f] != getattr(old, f) for f in _SERVER_FIELDS)
         if changed or drift != old.drift or old.gone_at is not None:
             if old.gone_at is not None:
-                counts.add("servers_back")
+                counts["servers_back"] += 1
             elif changed:
-                counts.add("servers_updated")
+                counts["servers_updated"] += 1
             drift_at = None if drift is None else old.drift_at if drift == old.drift else now
             updates.append(
                 {
@@ -363,26 +362,22 @@ def _apply_servers(
         )
         .values(last_seen=now)
     )
-    counts.add("servers_gone", len(gone))
-    counts.add("servers_seen", len(seen))
+    counts["servers_gone"] += len(gone)
+    counts["servers_seen"] += len(seen)
     for server_id, tenant, before, after in drift_events:
         audit.record(
             session,
             Principal.system("inventory-sync"),
             "server.drift",
-            tenant=_tenant_row(session, tenant.id),
+            tenant=session.get(Tenant, tenant.id),
             target_type="server",
             target_id=server_id,
             before={"drift": before},
             after={"drift": after},
         )
-        counts.add("drift_changed")
+        counts["drift_changed"] += 1
     if progress:
         progress("apply", total, total)
-
-
-def _tenant_row(session: Session, tenant_id: uuid.UUID) -> Tenant | None:
-    return session.get(Tenant, tenant_id)
 
 
 def _upsert_simple(
@@ -453,7 +448,7 @@ def apply(
 ) -> dict[str, int]:
     """Step 2: write one observation of `provider` into the inventory; returns counts."""
     now = clock.now()
-    counts = Counts()
+    counts: Counter[str] = Counter()
     hosts = {
         h.external_id: {
             "name": h.name[:255],
@@ -481,11 +476,11 @@ def apply(
         ("networks", _NETWORKS, networks),
     ):
         new, gone = _upsert_simple(session, table, provider.id, rows, now)
-        counts.add(name, len(rows))
-        counts.add(f"{name}_new", new)
-        counts.add(f"{name}_gone", gone)
+        counts[name] += len(rows)
+        counts[f"{name}_new"] += new
+        counts[f"{name}_gone"] += gone
     _apply_servers(session, provider, observed.servers, now, counts, progress)
-    return counts.values
+    return dict(counts)
 
 
 # --- step 3: settle the ledger ------------------------------------------------------------------
@@ -517,20 +512,28 @@ def book(
     if missing:
         raise Conflict(f"no resource class for storage tier(s) {', '.join(missing)}")
     size = size_of(server.vcpu, server.memory_mb, server.disks, classes)
-    over = ledger.check(session, tenant.id, size)
-    # force goes past a limit, never past a level with no quota or one outside its window
-    if over and (not force or any(o.reason != "limit" for o in over)):
-        raise QuotaExceeded(over)
     ref = owner_ref(server.id)
-    reservation = ledger.reserve(
-        session,
-        tenant.id,
-        size,
-        ref=f"adopt:{server.id}:{uuid.uuid4().hex[:12]}",
-        actor=actor.username,
-        owner_ref=ref,
-        force=force,
-    )
+
+    def reserve(past_limits: bool) -> Any:
+        return ledger.reserve(
+            session,
+            tenant.id,
+            size,
+            ref=f"adopt:{server.id}:{uuid.uuid4().hex[:12]}",
+            actor=actor.username,
+            owner_ref=ref,
+            force=past_limits,
+        )
+
+    over: list[OverLimit] = []
+    try:
+        reservation = reserve(False)
+    except QuotaExceeded as exc:
+        if not force:
+            raise
+        # the shortfalls found under the locks are what the audit event records
+        over = exc.over
+        reservation = reserve(True)
     ledger.commit(session, reservation.id, owner_ref=ref)
     server.tenant_id = tenant.id
     server.booked = size
@@ -551,7 +554,7 @@ def book(
         after={
             "tenant": tenant.code,
             "booked": size,
-            "forced": bool(over) and force,
+            "forced": bool(over),
             "over_limit": [describe(o) for o in over],
             "reason": reason,
         },
@@ -559,7 +562,7 @@ def book(
     return size
 
 
-def _release_gone(db: SessionSource, provider_id: uuid.UUID, counts: Counts) -> None:
+def _release_gone(db: SessionSource, provider_id: uuid.UUID, counts: Counter[str]) -> None:
     with db.unit_of_work(write=False) as session:
         ids = [
             sid
@@ -576,9 +579,9 @@ def _release_gone(db: SessionSource, provider_id: uuid.UUID, counts: Counts) -> 
             _release_one(db, server_id)
         except GovbrokerError as exc:  # one server's trouble must not starve the rest
             log.warning("release of a gone server failed", server=str(server_id), error=exc.detail)
-            counts.add("release_failed")
+            counts["release_failed"] += 1
             continue
-        counts.add("released")
+        counts["released"] += 1
 
 
 def _release_one(db: SessionSource, server_id: uuid.UUID) -> None:
@@ -596,7 +599,7 @@ def _release_one(db: SessionSource, server_id: uuid.UUID) -> None:
             session,
             Principal.system("inventory-sync"),
             "server.gone",
-            tenant=_tenant_row(session, server.tenant_id) if server.tenant_id else None,
+            tenant=session.get(Tenant, server.tenant_id) if server.tenant_id else None,
             target_type="server",
             target_id=server.id,
             before={"booked": before},
@@ -604,7 +607,7 @@ def _release_one(db: SessionSource, server_id: uuid.UUID) -> None:
         )
 
 
-def _adopt_by_owner(db: SessionSource, provider_id: uuid.UUID, counts: Counts) -> None:
+def _adopt_by_owner(db: SessionSource, provider_id: uuid.UUID, counts: Counter[str]) -> None:
     """Book servers that should count and do not: those whose provider-side owner names a
     tenant (adopted when they fit), and owned servers that came back after being gone (booked
     again for their owner, forced: they exist whatever the quota says)."""
@@ -637,10 +640,10 @@ def _adopt_by_owner(db: SessionSource, provider_id: uuid.UUID, counts: Counts) -
                     continue
                 reason = "back at its provider after being gone" if returning else None
                 book(session, server, tenant, actor=actor, force=returning, reason=reason)
-            counts.add("rebooked" if returning else "adopted")
+            counts["rebooked" if returning else "adopted"] += 1
         except GovbrokerError as exc:
             error = f"{ref.code}: {exc.detail}"[:1000]
-            counts.add("adopt_failed")
+            counts["adopt_failed"] += 1
             if error == previous_error:
                 continue  # already recorded: no write, no log line per sync
             log.info("adoption refused", error=exc.detail, server=str(server_id))
@@ -674,7 +677,7 @@ def _start_run(
     with db.unit_of_work() as session:
         provider = session.get(Provider, provider_id, with_for_update=True)
         if provider is None:
-            raise Conflict(f"provider {provider_id} is gone")
+            raise NotFound(f"provider {provider_id} not found")
         if not provider.enabled:
             raise Conflict(f"provider {provider.name} is disabled", extra={"enabled": False})
         now = clock.now()
@@ -752,7 +755,7 @@ def sync_provider(
     provider's message, credentials scrubbed), never an exception: the others go on."""
     started = time.monotonic()
     run_id, provider = _start_run(db, provider_id, trigger)
-    counts = Counts()
+    counts: Counter[str] = Counter()
     creds: dict[str, str] = {}
     try:
         creds = providers.credentials_of(provider)
@@ -762,30 +765,30 @@ def sync_provider(
         finally:
             driver.close()
         with db.unit_of_work() as session:
-            counts.values.update(apply(session, provider, observed, progress=progress))
+            counts.update(apply(session, provider, observed, progress=progress))
         _release_gone(db, provider.id, counts)
         if provider.adopt_by_owner:
             _adopt_by_owner(db, provider.id, counts)
     except GovbrokerError as exc:  # e.g. credentials the configured keys cannot decrypt
         message = providers.scrub(f"{type(exc).__name__}: {exc.detail}", creds)
         log.warning("provider sync failed", provider=provider.name, error=message)
-        return _finish_run(db, run_id, provider.id, started, counts.values, message)
+        return _finish_run(db, run_id, provider.id, started, dict(counts), message)
     except drv.DriverError as exc:
         message = providers.scrub(f"{type(exc).__name__}: {exc.provider_message}", creds)
         log.warning("provider sync failed", provider=provider.name, error=message)
-        return _finish_run(db, run_id, provider.id, started, counts.values, message)
+        return _finish_run(db, run_id, provider.id, started, dict(counts), message)
     except Exception as exc:
         message = providers.scrub(f"{type(exc).__name__}: {exc}", creds)
         # the traceback may quote the credentials (a driver's locals, an URL): scrub it too
         trace = providers.scrub("".join(traceback.format_exception(exc)), creds)
         log.error("provider sync crashed", provider=provider.name, error=message, trace=trace)
-        return _finish_run(db, run_id, provider.id, started, counts.values, message)
-    outcome = _finish_run(db, run_id, provider.id, started, counts.values, None)
+        return _finish_run(db, run_id, provider.id, started, dict(counts), message)
+    outcome = _finish_run(db, run_id, provider.id, started, dict(counts), None)
     log.info(
         "provider synced",
         provider=provider.name,
         duration_ms=outcome.duration_ms,
-        **{k: v for k, v in counts.values.items() if v},
+        **{k: v for k, v in counts.items() if v},
     )
     return outcome
 
@@ -829,7 +832,7 @@ def sync_all(
     def one(pid: uuid.UUID) -> Outcome | None:
         try:
             return sync_provider(db, pid, trigger=trigger, driver_factory=driver_factory)
-        except Conflict as exc:  # being synced by someone else, or disabled meanwhile
+        except (Conflict, NotFound) as exc:  # being synced elsewhere, disabled or gone meanwhile
             log.info("provider sync skipped", provider_id=str(pid), reason=exc.detail)
             return None
         except Exception:  # one provider's bookkeeping failing must not lose the others
