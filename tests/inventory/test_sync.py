@@ -14,27 +14,13 @@ from broker.audit.models import AuditEvent
 from broker.core import clock
 from broker.core.errors import Conflict, QuotaExceeded
 from broker.inventory import service, sync
-from broker.inventory.models import InventoryHost, Provider, Server, SyncRun
+from broker.inventory.models import InventoryHost, Provider, SyncRun
 from broker.inventory.schemas import Adopt
 from drivers.base import Disk
-from quotas.models import Quota
 from tests.fixtures.auth import Estate
 from tests.fixtures.db import TestDatabase
-from tests.fixtures.inventory import ADMIN, SECRET, MakeCloud
-
-
-def servers(db: TestDatabase, provider_id: uuid.UUID) -> dict[str, Server]:
-    with db.unit_of_work(write=False) as s:
-        rows = s.execute(select(Server).where(Server.provider_id == provider_id)).scalars()
-        return {r.external_id: r for r in rows}
-
-
-def used(db: TestDatabase, estate: Estate, code: str, rc: str) -> int:
-    with db.unit_of_work(write=False) as s:
-        q = s.execute(
-            select(Quota).where(Quota.tenant_id == estate.tid(code), Quota.resource_class == rc)
-        ).scalar_one_or_none()
-        return 0 if q is None else q.committed + q.reserved
+from tests.fixtures.inventory import ADMIN, SECRET, MakeCloud, room_for_servers, used
+from tests.fixtures.inventory import servers_of as servers
 
 
 def events(db: TestDatabase, action: str) -> list[AuditEvent]:
@@ -45,15 +31,8 @@ def events(db: TestDatabase, action: str) -> list[AuditEvent]:
 
 @pytest.fixture
 def quota_estate(db: TestDatabase, quota_estate: Estate) -> Estate:
-    """The quota estate plus storage limits for both agencies: the simulator's root disks are
-    SSD, and a server counts against every class it holds."""
-    from quotas import service as quotas
-
-    with db.unit_of_work() as s:
-        for code in ("a", "b"):
-            for rc in ("storage_gb.ssd", "storage_gb.hdd", "memory_mb", "instances"):
-                quotas.set_quota(s, ADMIN, quota_estate.tid(code), rc, limit=100_000)
-    return quota_estate
+    # the simulator's root disks are SSD, and a server counts against every class it holds
+    return room_for_servers(db, quota_estate, "a", "b")
 
 
 def run(db: TestDatabase, provider_id: uuid.UUID, **kw: Any) -> sync.Outcome:

@@ -14,33 +14,16 @@ from broker.core.errors import Invalid, QuotaExceeded
 from broker.inventory import providers, service, sync
 from broker.inventory.models import Provider, Server, SyncRun
 from broker.inventory.schemas import Adopt, ProviderCreate
-from quotas import service as quotas
-from quotas.models import Quota
 from tests.fixtures.auth import Estate
 from tests.fixtures.db import TestDatabase
-from tests.fixtures.inventory import ADMIN, MakeCloud
+from tests.fixtures.inventory import ADMIN, MakeCloud, room_for_servers, used
+from tests.fixtures.inventory import servers_of as rows
 
 
 @pytest.fixture
 def quota_estate(db: TestDatabase, quota_estate: Estate) -> Estate:
-    with db.unit_of_work() as s:
-        for rc in ("storage_gb.ssd", "storage_gb.hdd", "memory_mb", "instances"):
-            quotas.set_quota(s, ADMIN, quota_estate.tid("a"), rc, limit=100_000)
-    return quota_estate
-
-
-def rows(db: TestDatabase, provider_id: uuid.UUID) -> dict[str, Server]:
-    with db.unit_of_work(write=False) as s:
-        found = s.execute(select(Server).where(Server.provider_id == provider_id)).scalars()
-        return {r.external_id: r for r in found}
-
-
-def used(db: TestDatabase, estate: Estate, code: str, rc: str = "vcpu") -> int:
-    with db.unit_of_work(write=False) as s:
-        q = s.execute(
-            select(Quota).where(Quota.tenant_id == estate.tid(code), Quota.resource_class == rc)
-        ).scalar_one_or_none()
-        return 0 if q is None else q.committed + q.reserved
+    # agency a only: b keeps its vCPU-only quota, for the missing-quota cases
+    return room_for_servers(db, quota_estate, "a")
 
 
 def ok(db: TestDatabase, provider_id: uuid.UUID) -> sync.Outcome:

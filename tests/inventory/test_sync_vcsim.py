@@ -13,16 +13,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
 from broker.inventory import providers, sync
-from broker.inventory.models import Provider, Server
+from broker.inventory.models import Provider
 from broker.inventory.schemas import ProviderCreate
-from quotas import service as quotas
-from quotas.models import Quota
 from tests.fixtures.auth import Estate
 from tests.fixtures.db import TestDatabase
-from tests.fixtures.inventory import ADMIN, MakeCloud
+from tests.fixtures.inventory import ADMIN, MakeCloud, room_for_servers, used
+from tests.fixtures.inventory import servers_of as rows
 from tests.peers.vcsim import DATASTORE_TIERS, OutOfBand, VcsimModel, VcsimPeer
 
 pytestmark = pytest.mark.vcsim
@@ -68,28 +66,10 @@ def register(db: TestDatabase, peer: VcsimPeer, **opts: Any) -> uuid.UUID:
         ).id
 
 
-def rows(db: TestDatabase, provider_id: uuid.UUID) -> dict[str, Server]:
-    with db.unit_of_work(write=False) as s:
-        found = s.execute(select(Server).where(Server.provider_id == provider_id)).scalars()
-        return {r.external_id: r for r in found}
-
-
-def used_vcpu(db: TestDatabase, estate: Estate, code: str) -> int:
-    with db.unit_of_work(write=False) as s:
-        q = s.execute(
-            select(Quota).where(Quota.tenant_id == estate.tid(code), Quota.resource_class == "vcpu")
-        ).scalar_one_or_none()
-        return 0 if q is None else q.committed + q.reserved
-
-
 @pytest.fixture
 def quota_estate(db: TestDatabase, quota_estate: Estate) -> Estate:
     # vcsim's template disks land on the "ssd" datastore; every class a VM holds needs a limit
-    with db.unit_of_work() as s:
-        for code in ("a", "b"):
-            for rc in ("storage_gb.ssd", "storage_gb.hdd", "memory_mb", "instances"):
-                quotas.set_quota(s, ADMIN, quota_estate.tid(code), rc, limit=100_000)
-    return quota_estate
+    return room_for_servers(db, quota_estate, "a", "b")
 
 
 def synced(db: TestDatabase, provider_id: uuid.UUID) -> sync.Outcome:
@@ -105,7 +85,7 @@ def test_changes_made_on_vcsim_are_reflected_after_a_sync(
     first = synced(db, pid)
     assert first.counts["servers_seen"] == len(oob.vm_ids())
     assert first.counts["hosts"] == 2
-    before_a1 = used_vcpu(db, quota_estate, "a1")
+    before_a1 = used(db, quota_estate, "a1")
 
     owned = oob.create_vm(f"tax-{uuid.uuid4().hex[:6]}", vcpu=2, memory_mb=1024)
     oob.set_custom_field(owned, OWNER, "a1")
@@ -116,7 +96,7 @@ def test_changes_made_on_vcsim_are_reflected_after_a_sync(
     assert got[owned].tenant_id == quota_estate.tid("a1") and got[owned].owner_tag == "a1"
     assert (got[owned].vcpu, got[owned].memory_mb) == (2, 1024)
     assert got[owned].booked["vcpu"] == 2
-    assert used_vcpu(db, quota_estate, "a1") == before_a1 + 2
+    assert used(db, quota_estate, "a1") == before_a1 + 2
     assert got[loose].tenant_id is None and got[loose].owner_tag is None
 
     # resized and re-owned behind govbroker's back: flagged, not silently re-booked
@@ -133,7 +113,7 @@ def test_changes_made_on_vcsim_are_reflected_after_a_sync(
         "memory_mb": 2048,
     }
     assert drifted.drift["owner"] == {"before": "a1", "after": "b1"}
-    assert used_vcpu(db, quota_estate, "a1") == before_a1 + 2
+    assert used(db, quota_estate, "a1") == before_a1 + 2
 
     # an unmanaged VM given an owner on the vSphere side is adopted on the next sync
     oob.set_custom_field(loose, OWNER, "a2")
@@ -145,7 +125,7 @@ def test_changes_made_on_vcsim_are_reflected_after_a_sync(
     assert outcome.counts["servers_gone"] == 1 and outcome.counts["released"] == 1
     gone = rows(db, pid)[owned]
     assert gone.gone_at is not None and gone.booked == {}
-    assert used_vcpu(db, quota_estate, "a1") == before_a1
+    assert used(db, quota_estate, "a1") == before_a1
     oob.destroy(loose)
 
 
