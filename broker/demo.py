@@ -258,7 +258,7 @@ def seed_inventory(db: SessionSource, var_dir: Path) -> list[sync.Outcome]:
     """Register the demo providers (simulated clouds whose state lives in var_dir), put some
     pre-existing servers on them, sync, and resize one behind govbroker's back so that the
     console has adoption candidates, adopted servers and a drift to show."""
-    from drivers.base import ServerSpec, open_driver
+    from drivers.base import ServerSpec
 
     actor = Principal.system("demo-seed")
     var_dir.mkdir(parents=True, exist_ok=True)
@@ -297,9 +297,7 @@ def seed_inventory(db: SessionSource, var_dir: Path) -> list[sync.Outcome]:
         for name, pid in created.items():
             provider = session.get(providers.Provider, pid)
             assert provider is not None
-            drivers[name] = open_driver(
-                provider.kind, provider.endpoint, {}, {**provider.options, "latency_ms": 0}
-            )
+            drivers[name] = providers.driver_for(provider)
     by_name: dict[str, str] = {}
     for provider_name, owner, name, vcpu, memory_mb in LEGACY_SERVERS:
         d = drivers[provider_name]
