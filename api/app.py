@@ -15,6 +15,7 @@ from api.routers import (
     health,
     identity,
     inventory,
+    provisioning,
     quotas,
     role_bindings,
     tenants,
@@ -25,11 +26,14 @@ from broker.core.db import get_database
 from broker.core.logging import configure_logging
 from broker.core.settings import get_settings
 from broker.jobs.scheduler import start_background
+from broker.provisioning.executor import InlineRunner, JobRunner, ThreadRunner
 
 
-def create_app(db: SessionSource | None = None) -> FastAPI:
-    """The API. Given no database (as `serve` calls it), it uses the configured one and runs the
-    periodic jobs in-process when GOVBROKER_EMBEDDED_SCHEDULER is on."""
+def create_app(db: SessionSource | None = None, jobs: JobRunner | None = None) -> FastAPI:
+    """The API. Given no database (as `serve` calls it), it uses the configured one, runs
+    provisioning jobs on a pool of worker threads and the periodic jobs in-process when
+    GOVBROKER_EMBEDDED_SCHEDULER is on. Given a database (tests), jobs run inline unless a
+    runner is given."""
     configure_logging()
     run_jobs = db is None and get_settings().embedded_scheduler
 
@@ -41,6 +45,8 @@ def create_app(db: SessionSource | None = None) -> FastAPI:
         finally:
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
+            if isinstance(app.state.jobs, ThreadRunner):
+                app.state.jobs.shutdown()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -54,9 +60,22 @@ def create_app(db: SessionSource | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.db = db if db is not None else get_database()
+    if jobs is None:
+        jobs = InlineRunner(app.state.db) if db is not None else ThreadRunner(app.state.db)
+    app.state.jobs = jobs
     app.state.metrics = Metrics()
     problems.install(app)
-    for module in (health, identity, tenants, users, role_bindings, quotas, audit, inventory):
+    for module in (
+        health,
+        identity,
+        tenants,
+        users,
+        role_bindings,
+        quotas,
+        audit,
+        inventory,
+        provisioning,
+    ):
         app.include_router(module.router)
     app.include_router(quotas.requests_router)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)

@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.fixtures.clock",
     "tests.fixtures.quota",
     "tests.fixtures.inventory",
+    "tests.fixtures.provisioning",
     "tests.peers.libvirt",
     "tests.peers.vcsim",
     "tests.peers.openstack",

@@ -40,6 +40,7 @@ ROLE_ACTIONS: dict[Role, frozenset[str]] = {
             "quota.request",
             "server.read",
             "server.manage",
+            "server.approve",
             "billing.read",
         }
     ),

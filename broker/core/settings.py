@@ -51,6 +51,17 @@ class Settings(BaseSettings):
     reservation_max_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     quota_attachment_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
 
+    # provisioning
+    job_workers: int = Field(default=8, ge=1, le=256, description="Jobs run at once per process")
+    # a running job whose heartbeat is older than this is taken over by the reconciler
+    job_stale_seconds: int = Field(default=900, ge=10, le=24 * 3600)
+    # a queued job nobody picked up within this is started by the reconciler
+    job_queued_grace_seconds: int = Field(default=60, ge=1, le=3600)
+    job_max_attempts: int = Field(default=5, ge=1, le=50)
+    # how long a job's quota stays held; longer than any provider needs to build a server
+    job_reservation_hours: int = Field(default=6, ge=1, le=72)
+    idempotency_hours: int = Field(default=48, ge=24, le=24 * 30)
+
     # run the periodic jobs inside `serve` (the embedded deployment)
     embedded_scheduler: bool = True
 

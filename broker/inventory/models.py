@@ -187,11 +187,12 @@ class Server(SQLModel, table=True):
     name: str = Field(sa_column=Column(String(255), nullable=False))
     vcpu: int = Field(sa_column=Column(Integer(), nullable=False))
     memory_mb: int = Field(sa_column=Column(BigInteger(), nullable=False))
-    # [{"size_gb": int, "tier": str}], root disk first
+    # [{"size_gb": int, "tier": str, "external_id": str | None}], root disk first
     disks: list[dict[str, Any]] = Field(
         default_factory=list, sa_column=Column(JSON(), nullable=False)
     )
     ips: list[str] = Field(default_factory=list, sa_column=Column(JSON(), nullable=False))
+    public_ips: list[str] = Field(default_factory=list, sa_column=Column(JSON(), nullable=False))
     power_state: str = Field(sa_column=Column(String(16), nullable=False))
     host: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
     # the owner as the provider reports it (tag, folder, project, metadata), mapped or not

@@ -205,6 +205,7 @@ class ServerPublic(BaseModel):
     memory_mb: int
     disks: list[dict[str, Any]]
     ips: list[str]
+    public_ips: list[str]
     power_state: str
     host: str | None
     owner_tag: str | None

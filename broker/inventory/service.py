@@ -65,7 +65,7 @@ def list_storage(
     return list(session.execute(stmt).scalars())
 
 
-def _ratio(provider: Provider, host: InventoryHost, resource_class: str) -> Decimal:
+def overcommit_ratio(provider: Provider, host: InventoryHost, resource_class: str) -> Decimal:
     # the center's setting on the provider wins over what the hypervisor reports
     value = provider.overcommit.get(resource_class) or host.overcommit.get(resource_class) or "1"
     return Decimal(value)
@@ -105,7 +105,7 @@ def capacity(
             line = sums[h.provider_id].setdefault(rc, [0, 0, 0])
             line[0] += physical
             line[1] += int(h.allocated.get(rc, 0))
-            line[2] += math.floor(physical * _ratio(by_provider[h.provider_id], h, rc))
+            line[2] += math.floor(physical * overcommit_ratio(by_provider[h.provider_id], h, rc))
     for pool in pools:
         rc = f"storage_gb.{pool.tier}"
         line = sums[pool.provider_id].setdefault(rc, [0, 0, 0])

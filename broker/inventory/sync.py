@@ -74,6 +74,26 @@ _STORAGE = InventoryStorage.__table__  # type: ignore[attr-defined]
 _NETWORKS = InventoryNetwork.__table__  # type: ignore[attr-defined]
 
 
+NOT_SIZE = frozenset({"instances", "public_ip", "bandwidth_mbps"})
+
+
+# request tags that a running provisioning job will book itself: sync must not adopt those
+ClaimedTags = Callable[[Session, set[str]], set[str]]
+_claimed_tags: list[ClaimedTags] = []
+
+
+def register_claimed_tags(check: ClaimedTags) -> None:
+    """Provisioning names the tags of servers it is still building; sync leaves them alone."""
+    _claimed_tags.append(check)
+
+
+def _claimed(session: Session, tags: set[str]) -> set[str]:
+    out: set[str] = set()
+    for check in _claimed_tags:
+        out |= check(session, tags)
+    return out
+
+
 def owner_ref(server_id: uuid.UUID) -> str:
     """How the quota ledger names a server's allocations."""
     return f"server:{server_id}"
@@ -165,6 +185,7 @@ _SERVER_FIELDS = (
     "memory_mb",
     "disks",
     "ips",
+    "public_ips",
     "power_state",
     "host",
     "owner_tag",
@@ -183,9 +204,12 @@ def _server_values(s: drv.Server) -> dict[str, Any]:
         "name": _clip(s.name),
         "vcpu": s.vcpu,
         "memory_mb": s.memory_mb,
-        "disks": [{"size_gb": d.size_gb, "tier": d.tier} for d in s.disks],
+        "disks": [
+            {"size_gb": d.size_gb, "tier": d.tier, "external_id": d.external_id} for d in s.disks
+        ],
         # the order a provider lists addresses in is not a change
         "ips": sorted(s.ips),
+        "public_ips": sorted(s.public_ips),
         "power_state": str(s.power_state),
         "host": _clip(s.host),
         "owner_tag": _clip(s.owner_tag),
@@ -228,8 +252,9 @@ def _drift(
     if tenant is None:
         return None
     out: dict[str, Any] = {}
-    held = {k: v for k, v in booked.items() if k != "instances"}
-    seen = {k: v for k, v in observed_size.items() if k != "instances"}
+    # public IPs and bandwidth are held by the ledger but not seen in a server's size
+    held = {k: v for k, v in booked.items() if k not in NOT_SIZE}
+    seen = {k: v for k, v in observed_size.items() if k not in NOT_SIZE}
     if booked and held != seen:
         out["size"] = {"before": held, "after": seen}
     # a tag naming no tenant (none, or a foreign one) is common on servers adopted by hand:
@@ -620,11 +645,13 @@ def _adopt_by_owner(db: SessionSource, provider_id: uuid.UUID, counts: Counter[s
                 col(Server.tenant_id),
                 col(Server.booked),
                 col(Server.adopt_error),
+                col(Server.request_tag),
             ).where(col(Server.provider_id) == provider_id, col(Server.gone_at).is_(None))
         ).all()
+        claimed = _claimed(session, {r.request_tag for r in rows if r.request_tag and not r.booked})
     work: list[tuple[uuid.UUID, TenantRef, bool, str | None]] = []
-    for sid, tag, tenant_id, booked, adopt_error in rows:
-        if booked:
+    for sid, tag, tenant_id, booked, adopt_error, request in rows:
+        if booked or request in claimed:
             continue
         if tenant_id is not None and tenant_id in by_id:
             work.append((sid, by_id[tenant_id], True, adopt_error))

@@ -15,8 +15,10 @@ HERE = Path(__file__).parent
 
 def all_metadata() -> MetaData:
     """Import every domain's tables so the metadata is complete, and return it."""
+    import billing.models  # noqa: F401
     import broker.audit.models
     import broker.inventory.models
+    import broker.provisioning.models
     import broker.tenancy.models  # noqa: F401
     import quotas.models  # noqa: F401
     from broker.core.db import metadata

@@ -55,7 +55,9 @@ def test_first_sync_records_the_whole_estate_and_the_run(
     rows = servers(db, cloud.provider_id)
     got = rows[a.external_id]
     assert (got.vcpu, got.memory_mb, got.power_state) == (2, 2048, "running")
-    assert {"size_gb": 30, "tier": "hdd"} in got.disks
+    assert {"size_gb": 30, "tier": "hdd"} in [
+        {k: d[k] for k in ("size_gb", "tier")} for d in got.disks
+    ]
     assert got.ips == list(a.ips) and got.tenant_id is None and got.gone_at is None
     with db.unit_of_work(write=False) as s:
         run_row = s.get(SyncRun, outcome.run_id)

@@ -1,0 +1,239 @@
+"""Self-service provisioning: server requests, lifecycle actions, jobs, the catalog, policies."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse
+
+from api.deps import DEFAULT_PAGE, Cursor, Limit, PrincipalDep, SessionDep, database
+from api.schemas import Page
+from broker.core.db import SessionSource
+from broker.provisioning import catalog, service
+from broker.provisioning.executor import JobRunner
+from broker.provisioning.schemas import (
+    CatalogImport,
+    CatalogItemCreate,
+    CatalogItemPublic,
+    CatalogItemUpdate,
+    JobDecision,
+    JobPublic,
+    OfferedProvider,
+    PolicyPublic,
+    PolicyUpdate,
+    ServerAction,
+    ServerCreate,
+)
+
+router = APIRouter(tags=["provisioning"])
+DatabaseDep = Annotated[SessionSource, Depends(database)]
+JobStateIn = Literal[
+    "pending_approval", "queued", "running", "succeeded", "failed", "rejected", "expired"
+]
+
+
+def runner(request: Request) -> JobRunner:
+    return request.app.state.jobs  # type: ignore[no-any-return]
+
+
+RunnerDep = Annotated[JobRunner, Depends(runner)]
+
+
+def _accepted(job: dict[str, Any], *, replayed: bool = False) -> JSONResponse:
+    headers = {"Location": f"/api/v1/jobs/{job['id']}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(job, status_code=202, headers=headers)
+
+
+@router.post(
+    "/api/v1/servers",
+    status_code=202,
+    response_model=JobPublic,
+    responses={202: {"description": "the job that builds the server"}},
+)
+def request_server(
+    body: ServerCreate,
+    db: DatabaseDep,
+    principal: PrincipalDep,
+    jobs: RunnerDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JSONResponse:
+    """Ask for a server. Send an `Idempotency-Key` to retry safely: the same key with the same
+    body answers as the first time; with another body it is refused (422)."""
+    submitted = service.request_server(db, principal, body, key=idempotency_key)
+    if not submitted.replayed and submitted.state == "queued":
+        jobs.submit(submitted.job_id)
+    return _accepted(submitted.response, replayed=submitted.replayed)
+
+
+@router.post("/api/v1/servers/{server_id}/actions", status_code=202, response_model=JobPublic)
+def act(
+    server_id: uuid.UUID,
+    body: ServerAction,
+    session: SessionDep,
+    principal: PrincipalDep,
+    jobs: RunnerDep,
+) -> JSONResponse:
+    job = service.act(session, principal, server_id, body)
+    response = JobPublic.model_validate(job).model_dump(mode="json")
+    session.commit()
+    jobs.submit(job.id)
+    return _accepted(response)
+
+
+@router.delete("/api/v1/servers/{server_id}", status_code=202, response_model=JobPublic)
+def delete_server(
+    server_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, jobs: RunnerDep
+) -> JSONResponse:
+    job = service.delete(session, principal, server_id)
+    response = JobPublic.model_validate(job).model_dump(mode="json")
+    session.commit()
+    jobs.submit(job.id)
+    return _accepted(response)
+
+
+@router.get("/api/v1/jobs", response_model=Page[JobPublic])
+def list_jobs(
+    session: SessionDep,
+    principal: PrincipalDep,
+    tenant_id: uuid.UUID | None = None,
+    server_id: uuid.UUID | None = None,
+    state: JobStateIn | None = None,
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_PAGE,
+) -> Page[JobPublic]:
+    rows, nxt = service.list_jobs(
+        session,
+        principal,
+        tenant_id=tenant_id,
+        server_id=server_id,
+        state=state,
+        cursor=cursor,
+        limit=limit,
+    )
+    return Page(data=[JobPublic.model_validate(j) for j in rows], count=len(rows), next_cursor=nxt)
+
+
+@router.get("/api/v1/jobs/{job_id}")
+def get_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobPublic:
+    return JobPublic.model_validate(service.get_job(session, principal, job_id))
+
+
+def _decide(
+    job_id: uuid.UUID,
+    body: JobDecision | None,
+    session: SessionDep,
+    principal: PrincipalDep,
+    jobs: JobRunner,
+    approve: bool,
+) -> JobPublic:
+    job = service.decide(
+        session, principal, job_id, approve=approve, reason=body.reason if body else None
+    )
+    out = JobPublic.model_validate(job)
+    session.commit()
+    if approve:
+        jobs.submit(job_id)
+    return out
+
+
+@router.post("/api/v1/jobs/{job_id}/approve")
+def approve_job(
+    job_id: uuid.UUID,
+    session: SessionDep,
+    principal: PrincipalDep,
+    jobs: RunnerDep,
+    body: JobDecision | None = None,
+) -> JobPublic:
+    return _decide(job_id, body, session, principal, jobs, True)
+
+
+@router.post("/api/v1/jobs/{job_id}/reject")
+def reject_job(
+    job_id: uuid.UUID,
+    session: SessionDep,
+    principal: PrincipalDep,
+    jobs: RunnerDep,
+    body: JobDecision | None = None,
+) -> JobPublic:
+    return _decide(job_id, body, session, principal, jobs, False)
+
+
+# --- catalog ------------------------------------------------------------------------------------
+
+
+@router.get("/api/v1/catalog")
+def offered_catalog(
+    tenant_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
+) -> list[OfferedProvider]:
+    """What the caller may ask for in a system (or agency), per provider."""
+    _, items, provs = catalog.catalog_for(session, principal, tenant_id)
+    return [
+        OfferedProvider(
+            provider_id=pid,
+            provider=provs[pid].name,
+            region=provs[pid].region,
+            items=[CatalogItemPublic.model_validate(i) for i in items[pid]],
+        )
+        for pid in sorted(items, key=lambda p: provs[p].name)
+    ]
+
+
+@router.get("/api/v1/providers/{provider_id}/catalog")
+def provider_catalog(
+    provider_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
+) -> list[CatalogItemPublic]:
+    return [
+        CatalogItemPublic.model_validate(i)
+        for i in catalog.list_items(session, principal, provider_id)
+    ]
+
+
+@router.post("/api/v1/providers/{provider_id}/catalog/import")
+def import_catalog(
+    provider_id: uuid.UUID, db: DatabaseDep, principal: PrincipalDep
+) -> CatalogImport:
+    created, updated, items = catalog.import_items(db, principal, provider_id)
+    return CatalogImport(
+        created=created,
+        updated=updated,
+        items=[CatalogItemPublic.model_validate(i) for i in items],
+    )
+
+
+@router.post("/api/v1/providers/{provider_id}/catalog", status_code=201)
+def create_catalog_item(
+    provider_id: uuid.UUID, body: CatalogItemCreate, session: SessionDep, principal: PrincipalDep
+) -> CatalogItemPublic:
+    item = catalog.create_item(session, principal, provider_id, body)
+    out = CatalogItemPublic.model_validate(item)
+    session.commit()
+    return out
+
+
+@router.patch("/api/v1/catalog/{item_id}")
+def update_catalog_item(
+    item_id: uuid.UUID, body: CatalogItemUpdate, session: SessionDep, principal: PrincipalDep
+) -> CatalogItemPublic:
+    item = catalog.update_item(session, principal, item_id, body)
+    out = CatalogItemPublic.model_validate(item)
+    session.commit()
+    return out
+
+
+@router.get("/api/v1/agencies/{agency_id}/provisioning-policy")
+def get_policy(agency_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> PolicyPublic:
+    return PolicyPublic.model_validate(catalog.get_policy(session, principal, agency_id))
+
+
+@router.put("/api/v1/agencies/{agency_id}/provisioning-policy")
+def set_policy(
+    agency_id: uuid.UUID, body: PolicyUpdate, session: SessionDep, principal: PrincipalDep
+) -> PolicyPublic:
+    policy = catalog.set_policy(session, principal, agency_id, body)
+    out = PolicyPublic.model_validate(policy)
+    session.commit()
+    return out

@@ -1,0 +1,715 @@
+"""Running jobs: the provider call between two short transactions, and the reconciler.
+
+A job is claimed (queued → running, a fresh claim token) in one transaction, the provider is
+called with no transaction open, and the outcome is written in a second transaction that checks
+the claim is still ours. Whatever dies in between, a process kill included, leaves a running job
+whose heartbeat ages; the reconciler then asks the provider what really happened (the server
+found by its request tag, or the server's current state) and finishes or releases accordingly.
+
+Quota follows the provider: growth was reserved when the job was made and is committed once the
+provider confirms; shrinks are booked only after the provider confirms; a failure gives back the
+reservation. Whatever the provider reports the server to hold after the call is what the ledger
+ends up holding (a root disk larger than predicted is booked, forced, since it exists).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+import structlog
+from sqlmodel import Session, col, select
+
+from billing import events
+from billing.models import LifecycleKind
+from broker.audit import service as audit
+from broker.core import clock
+from broker.core.authz import Principal
+from broker.core.db import SessionSource
+from broker.core.errors import Conflict, GovbrokerError
+from broker.core.settings import get_settings
+from broker.inventory import providers
+from broker.inventory import sync as inventory_sync
+from broker.inventory.models import Provider, Server
+from broker.inventory.sync import owner_ref, size_of
+from broker.provisioning.models import ACTIVE_STATES, Job, JobKind, JobState
+from broker.tenancy.models import Tenant
+from drivers import base as drv
+from quotas import ledger
+
+log = structlog.get_logger(__name__)
+
+DriverFactory = Callable[[Provider], drv.Driver]
+ACTOR = "provisioning"
+
+_EVENT_OF: Mapping[str, LifecycleKind] = {
+    JobKind.create: LifecycleKind.created,
+    JobKind.start: LifecycleKind.started,
+    JobKind.stop: LifecycleKind.stopped,
+    JobKind.reboot: LifecycleKind.rebooted,
+    JobKind.resize: LifecycleKind.resized,
+    JobKind.attach_disk: LifecycleKind.disk_attached,
+    JobKind.detach_disk: LifecycleKind.disk_detached,
+    JobKind.add_public_ip: LifecycleKind.ip_added,
+    JobKind.release_public_ip: LifecycleKind.ip_released,
+    JobKind.delete: LifecycleKind.deleted,
+}
+
+
+@dataclass(frozen=True)
+class Claimed:
+    job: Job
+    provider: Provider
+    claim: uuid.UUID
+    tenant_code: str
+
+
+def _append_log(job: Job, **entry: Any) -> None:
+    job.log = [*job.log, {"at": clock.now().isoformat(), **entry}][-50:]
+
+
+def _claim(db: SessionSource, job_id: uuid.UUID, *, states: tuple[JobState, ...]) -> Claimed | None:
+    with db.unit_of_work() as session:
+        job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+        if job is None or job.state not in states:
+            return None
+        provider = session.get(Provider, job.provider_id)
+        tenant = session.get(Tenant, job.tenant_id)
+        assert provider is not None and tenant is not None
+        now = clock.now()
+        job.claim = uuid.uuid4()
+        job.attempts += 1
+        if job.state != JobState.running:
+            job.state = JobState.running.value
+            job.started_at = job.started_at or now
+            _append_log(job, state=job.state, attempt=job.attempts)
+        else:
+            _append_log(job, state="resumed", attempt=job.attempts)
+        job.heartbeat_at = now
+        session.add(job)
+        session.flush()
+        session.expunge(job)
+        session.expunge(provider)
+        return Claimed(job, provider, job.claim, tenant.code)
+
+
+# --- the provider side ---------------------------------------------------------------------------
+
+
+def _spec(job: Job, scope: str | None) -> drv.ServerSpec:
+    p = job.params
+    pools = p.get("storage_hint") or {}
+    disks = tuple(drv.Disk(int(d["size_gb"]), str(d["tier"])) for d in p.get("disks", []))
+    # one hint is all the spec carries: the pool of the data disks' tier (or the only one)
+    hint = next(iter(pools.values())) if len(pools) == 1 else None
+    return drv.ServerSpec(
+        name=p["name"],
+        image=p["image"],
+        network=p.get("network"),
+        owner_tag=p["owner_tag"],
+        request_tag=job.request_tag,
+        flavor=p.get("flavor"),
+        vcpu=None if p.get("flavor") else int(p["vcpu"]),
+        memory_mb=None if p.get("flavor") else int(p["memory_mb"]),
+        disks=disks,
+        public_ip=bool(p.get("public_ip")),
+        host_hint=p.get("host_hint"),
+        storage_hint=hint,
+        scope=scope,
+        bandwidth_mbps=p.get("bandwidth_mbps"),
+    )
+
+
+def _done_already(job: Job, s: drv.Server) -> bool:
+    """Whether the provider shows the job's change made (a resumed job must not do it twice)."""
+    p = job.params
+    kind = job.kind
+    if kind in (JobKind.start, JobKind.reboot):
+        return kind == JobKind.start and s.power_state == drv.PowerState.running
+    if kind == JobKind.stop:
+        return s.power_state == drv.PowerState.stopped
+    if kind == JobKind.resize:
+        return (s.vcpu, s.memory_mb) == (p["vcpu"], p["memory_mb"])
+    if kind == JobKind.attach_disk:
+        return len(s.disks) > int(p["disks_before"])
+    if kind == JobKind.detach_disk:
+        return all(d.external_id != p["disk_id"] for d in s.disks)
+    if kind == JobKind.add_public_ip:
+        return bool(set(s.public_ips) - set(p.get("public_ips_before") or []))
+    if kind == JobKind.release_public_ip:
+        return p["ip"] not in s.public_ips
+    return False
+
+
+def _call(driver: drv.Driver, job: Job, resumed: bool) -> drv.Server | None:
+    """The provider call of one job; returns the server as the provider reports it after."""
+    p = job.params
+    if job.kind == JobKind.create:
+        scope = None
+        if drv.Capability.tenant_scope in driver.capabilities:
+            scope = driver.ensure_tenant_scope(p["scope_code"])
+        return driver.create_server(_spec(job, scope))
+    ext = p["external_id"]
+    if job.kind == JobKind.delete:
+        with contextlib.suppress(drv.NotFound):  # gone already: what delete wanted
+            driver.delete(ext)
+        return None
+    if resumed:
+        current = driver.get_server(ext)
+        if _done_already(job, current):
+            return current
+    try:
+        if job.kind == JobKind.start:
+            return driver.start(ext)
+        if job.kind == JobKind.stop:
+            return driver.stop(ext)
+        if job.kind == JobKind.reboot:
+            return driver.reboot(ext)
+        if job.kind == JobKind.resize:
+            return driver.resize(ext, vcpu=int(p["vcpu"]), memory_mb=int(p["memory_mb"]))
+        if job.kind == JobKind.attach_disk:
+            return driver.attach_disk(ext, drv.Disk(int(p["size_gb"]), str(p["tier"])))
+        if job.kind == JobKind.detach_disk:
+            return driver.detach_disk(ext, str(p["disk_id"]))
+        if job.kind == JobKind.add_public_ip:
+            return driver.add_public_ip(ext, bandwidth_mbps=p.get("bandwidth_mbps"))
+        if job.kind == JobKind.release_public_ip:
+            return driver.release_public_ip(ext, str(p["ip"]))
+    except drv.Conflict:
+        # "already running" and the like: the state asked for may be there already
+        current = driver.get_server(ext)
+        if _done_already(job, current):
+            return current
+        raise
+    raise AssertionError(f"no provider call for job kind {job.kind}")
+
+
+# --- the database side ---------------------------------------------------------------------------
+
+
+def _locked_job(session: Session, job_id: uuid.UUID, claim: uuid.UUID) -> Job | None:
+    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    if job is None or job.state != JobState.running or job.claim != claim:
+        return None  # someone else (the reconciler) finished or took it
+    return job
+
+
+def _server_values(s: drv.Server) -> dict[str, Any]:
+    return {
+        "name": s.name[:255],
+        "vcpu": s.vcpu,
+        "memory_mb": s.memory_mb,
+        "disks": [
+            {"size_gb": d.size_gb, "tier": d.tier, "external_id": d.external_id} for d in s.disks
+        ],
+        "ips": sorted(s.ips),
+        "public_ips": sorted(s.public_ips),
+        "power_state": str(s.power_state),
+        "host": s.host,
+        "owner_tag": s.owner_tag,
+        "request_tag": s.request_tag,
+        "created_at": s.created_at,
+    }
+
+
+def _book_difference(
+    session: Session, job: Job, server: Server, held: Mapping[str, int], actual: Mapping[str, int]
+) -> dict[str, int]:
+    """Make the ledger hold `actual` for the server when it holds `held`: the provider made
+    the server as it is, so a difference is booked (forced: it exists) and noted on the job."""
+    delta = {k: actual.get(k, 0) - held.get(k, 0) for k in set(held) | set(actual)}
+    delta = {k: v for k, v in delta.items() if v}
+    if not delta:
+        return dict(actual)
+    ref = owner_ref(server.id)
+    grow = {k: v for k, v in delta.items() if v > 0}
+    shrink = {k: v for k, v in delta.items() if v < 0}
+    for part, force in ((grow, True), (shrink, False)):
+        if part:
+            r = ledger.reserve(
+                session,
+                job.tenant_id,
+                part,
+                ref=f"job:{job.id}:true-up:{uuid.uuid4().hex[:8]}",
+                actor=ACTOR,
+                owner_ref=ref,
+                force=force,
+            )
+            ledger.commit(session, r.id, owner_ref=ref)
+    _append_log(job, note="the provider's server differs from the request", booked_delta=delta)
+    return {k: v for k, v in actual.items() if v}
+
+
+def _commit_growth(session: Session, job: Job, server_ref: str) -> bool:
+    """Commit what the job reserved; False when the reservation lapsed meanwhile."""
+    if job.reservation_id is None:
+        return True
+    try:
+        ledger.commit(session, job.reservation_id, owner_ref=server_ref)
+    except Conflict:
+        return False
+    return True
+
+
+def _emit(
+    session: Session, job: Job, server: Server, kind: LifecycleKind, provider: Provider
+) -> None:
+    events.emit(
+        session,
+        kind,
+        server_id=server.id,
+        tenant_id=job.tenant_id,
+        agency_id=job.agency_id,
+        provider_id=server.provider_id,
+        service_company_id=provider.service_company_id,
+        power_state=server.power_state,
+        sizes=server.booked if server.gone_at is None else {},
+        actor=job.created_by,
+        job_id=job.id,
+    )
+
+
+def _finish_create(session: Session, job: Job, observed: drv.Server, provider: Provider) -> Server:
+    classes = ledger.resource_classes(session)
+    server = (
+        session.execute(
+            select(Server)
+            .where(
+                Server.provider_id == job.provider_id, Server.external_id == observed.external_id
+            )
+            .with_for_update()
+        )
+        .scalars()
+        .first()
+    )
+    if server is not None and server.booked:
+        # booked by someone else (a center admin adopted it by hand): that booking stands
+        if job.reservation_id is not None:
+            ledger.release(session, job.reservation_id)
+        _append_log(job, note="the server was already booked; the job's reservation was returned")
+        return server
+    if server is None:
+        server = Server(
+            id=job.server_id,
+            provider_id=job.provider_id,
+            external_id=observed.external_id,
+            **_server_values(observed),
+        )
+    else:
+        for k, v in _server_values(observed).items():
+            setattr(server, k, v)
+        server.gone_at = None
+    job.server_id = server.id
+    server.tenant_id = job.tenant_id
+    server.last_seen = clock.now()
+    server.drift = None
+    server.drift_at = None
+    server.adopt_error = None
+    session.add(server)
+    session.flush()
+    ref = owner_ref(server.id)
+    held = dict(job.grow)
+    if not _commit_growth(session, job, ref):
+        held = {}  # lapsed: the server exists, so what it holds is booked below, forced
+    actual = size_of(observed.vcpu, observed.memory_mb, _server_values(observed)["disks"], classes)
+    actual["instances"] = 1
+    if observed.public_ips or job.grow.get("public_ip"):
+        actual["public_ip"] = max(len(observed.public_ips), int(job.grow.get("public_ip", 0)))
+        if job.grow.get("bandwidth_mbps"):
+            actual["bandwidth_mbps"] = int(job.grow["bandwidth_mbps"])
+    server.booked = _book_difference(session, job, server, held, actual)
+    session.add(server)
+    return server
+
+
+def _finish_change(
+    session: Session, job: Job, observed: drv.Server | None, provider: Provider
+) -> Server | None:
+    server = session.get(Server, job.server_id, with_for_update=True, populate_existing=True)
+    if server is None:
+        return None
+    ref = owner_ref(server.id)
+    now = clock.now()
+    if job.kind == JobKind.delete:
+        ledger.release_owner(session, ref)
+        server.booked = {}
+        server.gone_at = server.gone_at or now
+        server.drift = None
+        server.drift_at = None
+        session.add(server)
+        return server
+    assert observed is not None
+    booked = dict(server.booked)
+    if job.grow:
+        if not _commit_growth(session, job, ref):
+            # lapsed while the provider worked: the change exists, so it is booked anyway
+            r = ledger.reserve(
+                session,
+                job.tenant_id,
+                job.grow,
+                ref=f"job:{job.id}:late",
+                actor=ACTOR,
+                owner_ref=ref,
+                force=True,
+            )
+            ledger.commit(session, r.id, owner_ref=ref)
+        for k, v in job.grow.items():
+            booked[k] = booked.get(k, 0) + v
+    if job.shrink:
+        r = ledger.reserve(
+            session,
+            job.tenant_id,
+            {k: -v for k, v in job.shrink.items()},
+            ref=f"job:{job.id}:shrink",
+            actor=ACTOR,
+            owner_ref=ref,
+        )
+        ledger.commit(session, r.id, owner_ref=ref)
+        for k, v in job.shrink.items():
+            booked[k] = booked.get(k, 0) - v
+    for k, v in _server_values(observed).items():
+        setattr(server, k, v)
+    server.booked = {k: v for k, v in booked.items() if v}
+    server.last_seen = now
+    server.drift = None
+    server.drift_at = None
+    session.add(server)
+    return server
+
+
+def _finish(
+    db: SessionSource, c: Claimed, observed: drv.Server | None, *, note: str | None = None
+) -> bool:
+    with db.unit_of_work() as session:
+        job = _locked_job(session, c.job.id, c.claim)
+        if job is None:
+            return False
+        if job.kind == JobKind.create:
+            assert observed is not None
+            server: Server | None = _finish_create(session, job, observed, c.provider)
+        else:
+            server = _finish_change(session, job, observed, c.provider)
+        now = clock.now()
+        job.state = JobState.succeeded.value
+        job.finished_at = now
+        job.error = None
+        job.error_type = None
+        if server is not None:
+            session.flush()
+            _emit(session, job, server, _EVENT_OF[job.kind], c.provider)
+            job.result = {
+                "server_id": str(server.id),
+                "external_id": server.external_id,
+                "name": server.name,
+                "power_state": server.power_state,
+                "ips": server.ips,
+                "booked": server.booked,
+            }
+        _append_log(job, state=job.state, **({"note": note} if note else {}))
+        session.add(job)
+        tenant = session.get(Tenant, job.tenant_id)
+        audit.record(
+            session,
+            Principal.system(ACTOR),
+            f"job.{job.kind}.succeeded",
+            tenant=tenant,
+            target_type="job",
+            target_id=job.id,
+            after={
+                "server_id": str(job.server_id),
+                "booked": job.result.get("booked") if job.result else None,
+            },
+        )
+    return True
+
+
+def _fail(db: SessionSource, c: Claimed, error: str, error_type: str) -> bool:
+    with db.unit_of_work() as session:
+        job = _locked_job(session, c.job.id, c.claim)
+        if job is None:
+            return False
+        if job.reservation_id is not None:
+            ledger.release(session, job.reservation_id)
+        job.state = JobState.failed.value
+        job.finished_at = clock.now()
+        job.error = error[:4000]
+        job.error_type = error_type
+        _append_log(job, state=job.state, error=job.error[:500])
+        session.add(job)
+        audit.record(
+            session,
+            Principal.system(ACTOR),
+            f"job.{job.kind}.failed",
+            tenant=session.get(Tenant, job.tenant_id),
+            target_type="job",
+            target_id=job.id,
+            after={"error": job.error, "error_type": error_type},
+        )
+    return True
+
+
+def _park(db: SessionSource, c: Claimed, error: str) -> None:
+    """Leave the job running for the reconciler, due after a backoff that grows per attempt."""
+    settings = get_settings()
+    with db.unit_of_work() as session:
+        job = _locked_job(session, c.job.id, c.claim)
+        if job is None:
+            return
+        backoff = min(settings.job_stale_seconds, 30 * 2 ** min(job.attempts, 10))
+        # the reconciler takes running jobs whose heartbeat is older than job_stale_seconds
+        job.heartbeat_at = clock.now() - timedelta(seconds=settings.job_stale_seconds - backoff)
+        job.error = error[:4000]
+        job.error_type = "Unavailable"
+        _append_log(job, note="provider unavailable; the reconciler retries", error=error[:500])
+        session.add(job)
+
+
+def _message(exc: drv.DriverError, provider: Provider) -> str:
+    return providers.scrub(exc.provider_message, providers.credentials_of(provider)) or exc.message
+
+
+def run(
+    db: SessionSource, job_id: uuid.UUID, *, driver_factory: DriverFactory | None = None
+) -> str | None:
+    """Run a queued job to its end; returns the state it reached (None: not ours to run)."""
+    c = _claim(db, job_id, states=(JobState.queued,))
+    if c is None:
+        return None
+    return _execute(db, c, driver_factory or providers.driver_for, resumed=False)
+
+
+def _execute(db: SessionSource, c: Claimed, factory: DriverFactory, *, resumed: bool) -> str:
+    driver: drv.Driver | None = None
+    try:
+        driver = factory(c.provider)
+        observed = _call(driver, c.job, resumed)
+    except drv.DriverError as exc:
+        message = _message(exc, c.provider)
+        if exc.retryable:
+            return _unsure(db, c, driver, message)
+        _fail(db, c, message, type(exc).__name__)
+        return JobState.failed.value
+    finally:
+        if driver is not None:
+            driver.close()
+    _finish(db, c, observed)
+    return JobState.succeeded.value
+
+
+def _unsure(db: SessionSource, c: Claimed, driver: drv.Driver | None, message: str) -> str:
+    """The provider failed in a way that may hide success (a lost answer, a timeout): look.
+    Found done: finish. Found not done: fail and release. Cannot look: park for the reconciler,
+    until the attempts run out."""
+    try:
+        if driver is None:
+            raise drv.Unavailable(message)
+        outcome = _look(driver, c.job)
+    except drv.DriverError as exc:
+        if c.job.attempts >= get_settings().job_max_attempts:
+            _fail(db, c, f"{message} (gave up after {c.job.attempts} attempts)", "Unavailable")
+            return JobState.failed.value
+        _park(db, c, _message(exc, c.provider) if exc.provider_message else message)
+        return JobState.running.value
+    if outcome is _NOT_DONE:
+        _fail(db, c, message, "Unavailable")
+        return JobState.failed.value
+    _finish(
+        db,
+        c,
+        outcome if isinstance(outcome, drv.Server) else None,
+        note="the provider's answer was lost; its state shows the change made",
+    )
+    return JobState.succeeded.value
+
+
+_NOT_DONE = object()
+_GONE = object()
+
+
+def _look(driver: drv.Driver, job: Job) -> Any:
+    """What the provider shows of the job's change: the server if made, _GONE for a finished
+    delete, _NOT_DONE otherwise."""
+    if job.kind == JobKind.create:
+        found = driver.find_server_by_tag(job.request_tag)
+        return found if found is not None else _NOT_DONE
+    try:
+        current = driver.get_server(job.params["external_id"])
+    except drv.NotFound:
+        return _GONE if job.kind == JobKind.delete else _NOT_DONE
+    if job.kind == JobKind.delete:
+        return _NOT_DONE
+    if job.kind == JobKind.reboot:
+        # a reboot leaves no trace; a running server is as good as rebooted
+        return current if current.power_state == drv.PowerState.running else _NOT_DONE
+    return current if _done_already(job, current) else _NOT_DONE
+
+
+# --- the reconciler ------------------------------------------------------------------------------
+
+
+def reconcile(db: SessionSource, *, driver_factory: DriverFactory | None = None) -> dict[str, int]:
+    """Resolve what a crash or a lost provider left behind: expired approvals, queued jobs no
+    worker took, and running jobs whose heartbeat stopped."""
+    settings = get_settings()
+    factory = driver_factory or providers.driver_for
+    now = clock.now()
+    counts = {"expired": 0, "started": 0, "resolved": 0}
+    with db.unit_of_work(write=False) as session:
+        due_approval = list(
+            session.execute(
+                select(Job.id).where(
+                    Job.state == JobState.pending_approval, col(Job.deadline) <= now
+                )
+            ).scalars()
+        )
+        queued = list(
+            session.execute(
+                select(Job.id).where(
+                    Job.state == JobState.queued,
+                    col(Job.heartbeat_at)
+                    <= now - timedelta(seconds=settings.job_queued_grace_seconds),
+                )
+            ).scalars()
+        )
+        stale = list(
+            session.execute(
+                select(Job.id).where(
+                    Job.state == JobState.running,
+                    col(Job.heartbeat_at) <= now - timedelta(seconds=settings.job_stale_seconds),
+                )
+            ).scalars()
+        )
+    for job_id in due_approval:
+        counts["expired"] += _expire(db, job_id)
+    for job_id in queued:
+        if run(db, job_id, driver_factory=factory) is not None:
+            counts["started"] += 1
+    for job_id in stale:
+        c = _claim(db, job_id, states=(JobState.running,))
+        if c is None:
+            continue
+        try:
+            _resolve(db, c, factory)
+        except GovbrokerError as exc:  # one job's trouble must not starve the rest
+            log.warning("reconciling a job failed", job=str(job_id), error=exc.detail)
+            continue
+        counts["resolved"] += 1
+    return counts
+
+
+def _resolve(db: SessionSource, c: Claimed, factory: DriverFactory) -> None:
+    driver: drv.Driver | None = None
+    try:
+        driver = factory(c.provider)
+        _unsure(db, c, driver, c.job.error or "interrupted (the process running it stopped)")
+    except drv.DriverError as exc:
+        _unsure(db, c, None, _message(exc, c.provider))
+    finally:
+        if driver is not None:
+            driver.close()
+
+
+def _expire(db: SessionSource, job_id: uuid.UUID) -> int:
+    with db.unit_of_work() as session:
+        job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+        if job is None or job.state != JobState.pending_approval:
+            return 0
+        if job.reservation_id is not None:
+            ledger.release(session, job.reservation_id)
+        job.state = JobState.expired.value
+        job.finished_at = clock.now()
+        job.error = "nobody approved the request before its deadline"
+        _append_log(job, state=job.state)
+        session.add(job)
+        audit.record(
+            session,
+            Principal.system(ACTOR),
+            "job.expired",
+            tenant=session.get(Tenant, job.tenant_id),
+            target_type="job",
+            target_id=job.id,
+            after={"state": job.state},
+        )
+    return 1
+
+
+def _claimed_tags(session: Session, tags: set[str]) -> set[str]:
+    if not tags:
+        return set()
+    stmt = select(Job.request_tag).where(
+        col(Job.request_tag).in_(list(tags)),
+        col(Job.state).in_([s.value for s in ACTIVE_STATES]),
+    )
+    return set(session.execute(stmt).scalars())
+
+
+inventory_sync.register_claimed_tags(_claimed_tags)
+
+
+# --- runners -------------------------------------------------------------------------------------
+
+
+class JobRunner(Protocol):
+    def submit(self, job_id: uuid.UUID) -> None: ...
+
+
+class InlineRunner:
+    """Runs each job at once, in the caller's thread: for tests and the CLI."""
+
+    def __init__(self, db: SessionSource, driver_factory: DriverFactory | None = None) -> None:
+        self.db = db
+        self.driver_factory = driver_factory
+
+    def submit(self, job_id: uuid.UUID) -> None:
+        run(self.db, job_id, driver_factory=self.driver_factory)
+
+
+class ThreadRunner:
+    """A bounded pool of worker threads in the API process. A job lost with the process is
+    found by the reconciler, so nothing here needs to survive a restart."""
+
+    def __init__(
+        self,
+        db: SessionSource,
+        workers: int | None = None,
+        driver_factory: DriverFactory | None = None,
+    ) -> None:
+        self.db = db
+        self.driver_factory = driver_factory
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers or get_settings().job_workers, thread_name_prefix="job"
+        )
+        self._pending: set[Future[Any]] = set()
+        self._lock = threading.Lock()
+
+    def _run(self, job_id: uuid.UUID) -> None:
+        try:
+            run(self.db, job_id, driver_factory=self.driver_factory)
+        except Exception:
+            log.exception("job crashed; the reconciler will pick it up", job=str(job_id))
+
+    def submit(self, job_id: uuid.UUID) -> None:
+        future = self._pool.submit(self._run, job_id)
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait for every submitted job (tests, benchmarks, shutdown)."""
+        with self._lock:
+            pending = list(self._pending)
+        for f in pending:
+            f.result(timeout=timeout)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=False)

@@ -1,0 +1,812 @@
+"""Server requests and lifecycle actions, up to the job: validate, place, reserve, record.
+
+Everything a request can get wrong is found here, before anything is held: an item the agency is
+not offered, a size out of bounds, a name the provider would refuse, another agency's system, a
+deleted server. What passes is one transaction: the quota reservation (one ledger call for every
+class), the job, the idempotency key and the audit event, together or not at all. The provider is
+called later, by the executor, outside any transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from broker.audit import service as audit
+from broker.core import clock
+from broker.core.authz import Principal
+from broker.core.db import SessionSource
+from broker.core.errors import Conflict, Invalid, NotFound
+from broker.core.pagination import DEFAULT_LIMIT, decode_cursor, encode_cursor
+from broker.core.settings import get_settings
+from broker.inventory import service as inventory
+from broker.inventory.models import Provider, Server
+from broker.inventory.sync import owner_ref
+from broker.provisioning import catalog
+from broker.provisioning.models import (
+    ACTIVE_STATES,
+    AgencyPolicy,
+    CatalogItem,
+    CatalogKind,
+    IdempotencyKey,
+    Job,
+    JobKind,
+    JobState,
+)
+from broker.provisioning.placement import place
+from broker.provisioning.schemas import JobPublic, ServerAction, ServerCreate
+from broker.tenancy.authz import authorize
+from broker.tenancy.models import Tenant, TenantKind, TenantStatus
+from drivers.base import driver_class
+from quotas import ledger
+
+MANAGE = "server.manage"
+APPROVE = "server.approve"
+IDEMPOTENCY_FIELD = "Idempotency-Key"
+
+
+def request_tag(job_id: uuid.UUID) -> str:
+    """What the provider-side server carries, to be found again after a crash."""
+    return f"gb-{job_id}"
+
+
+def owner_tag(agency: Tenant, system: Tenant) -> str:
+    """The provider-side owner: the tenant's path of codes, as sync resolves it."""
+    return f"{agency.code}/{system.code}"
+
+
+def body_hash(data: ServerCreate) -> str:
+    canonical = json.dumps(data.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --- resolving a request against the catalog -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a request means on one provider: the items, the sizes, the quota it needs."""
+
+    provider: Provider
+    flavor: CatalogItem | None
+    image: CatalogItem
+    network: CatalogItem | None
+    vcpu: int
+    memory_mb: int
+    root_gb: int
+    root_tier: str | None
+    disks: tuple[tuple[int, str], ...]
+
+    @property
+    def host_need(self) -> dict[str, int]:
+        return {"vcpu": self.vcpu, "memory_mb": self.memory_mb}
+
+    @property
+    def storage(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if self.root_gb and self.root_tier:
+            out[self.root_tier] = self.root_gb
+        for size_gb, tier in self.disks:
+            out[tier] = out.get(tier, 0) + size_gb
+        return out
+
+
+def _by_code(items: Sequence[CatalogItem], kind: str) -> dict[str, CatalogItem]:
+    return {i.code: i for i in items if i.kind == kind}
+
+
+def _resolve_on(
+    provider: Provider, items: Sequence[CatalogItem], data: ServerCreate
+) -> tuple[Resolved | None, tuple[str, str, str] | None]:
+    """The request on one provider, or the first reason (field, message, code) it cannot be."""
+    flavors = _by_code(items, CatalogKind.flavor)
+    images = _by_code(items, CatalogKind.image)
+    networks = _by_code(items, CatalogKind.network)
+    tiers = _by_code(items, CatalogKind.tier)
+    sizes = [i for i in items if i.kind == CatalogKind.size]
+    flavor: CatalogItem | None = None
+    if data.flavor is not None:
+        flavor = flavors.get(data.flavor)
+        if flavor is None:
+            return None, ("flavor", f"no flavor {data.flavor!r} is offered", "unknown")
+        vcpu, memory_mb = int(flavor.spec["vcpu"]), int(flavor.spec["memory_mb"])
+    else:
+        assert data.vcpu is not None and data.memory_mb is not None
+        vcpu, memory_mb = data.vcpu, data.memory_mb
+        if not sizes:
+            return None, ("vcpu", "custom sizes are not offered; choose a flavor", "not_offered")
+        fits = [
+            b
+            for b in sizes
+            if b.spec["min_vcpu"] <= vcpu <= b.spec["max_vcpu"]
+            and b.spec["min_memory_mb"] <= memory_mb <= b.spec["max_memory_mb"]
+        ]
+        if not fits:
+            b = sizes[0].spec
+            if not b["min_vcpu"] <= vcpu <= b["max_vcpu"]:
+                return None, (
+                    "vcpu",
+                    f"must be between {b['min_vcpu']} and {b['max_vcpu']}",
+                    "out_of_bounds",
+                )
+            return None, (
+                "memory_mb",
+                f"must be between {b['min_memory_mb']} and {b['max_memory_mb']}",
+                "out_of_bounds",
+            )
+    image = images.get(data.image)
+    if image is None:
+        return None, ("image", f"no image {data.image!r} is offered", "unknown")
+    network: CatalogItem | None = None
+    if data.network is not None:
+        network = networks.get(data.network)
+        if network is None:
+            return None, ("network", f"no network {data.network!r} is offered", "unknown")
+    elif networks:
+        network = sorted(networks.values(), key=lambda n: n.code)[0]
+    disks: list[tuple[int, str]] = []
+    for n, d in enumerate(data.disks):
+        tier = tiers.get(d.tier)
+        if tier is None:
+            return None, (f"disks.{n}.tier", f"no storage tier {d.tier!r} is offered", "unknown")
+        low, high = int(tier.spec.get("min_gb", 1)), int(tier.spec.get("max_gb", 1))
+        if not low <= d.size_gb <= high:
+            return None, (
+                f"disks.{n}.size_gb",
+                f"{d.tier} disks are {low} to {high} GB",
+                "out_of_bounds",
+            )
+        disks.append((d.size_gb, d.tier))
+    roots = [t for t in tiers.values() if t.spec.get("root")] or sorted(
+        tiers.values(), key=lambda t: t.code
+    )
+    root_gb = max(
+        int(flavor.spec.get("disk_gb", 0)) if flavor else 0, int(image.spec.get("min_disk_gb") or 0)
+    )
+    return (
+        Resolved(
+            provider,
+            flavor,
+            image,
+            network,
+            vcpu,
+            memory_mb,
+            root_gb,
+            roots[0].code if roots else None,
+            tuple(disks),
+        ),
+        None,
+    )
+
+
+def _candidates(session: Session, agency: Tenant, data: ServerCreate) -> dict[uuid.UUID, Resolved]:
+    policy = session.get(AgencyPolicy, agency.id)
+    offered = catalog.offered_items(session, agency.id)
+    provs = {
+        p.id: p
+        for p in session.execute(
+            select(Provider).where(col(Provider.id).in_(list(offered)))
+        ).scalars()
+    }
+    company = policy.service_company_id if policy else None
+    if company is not None:
+        provs = {k: p for k, p in provs.items() if p.service_company_id == company}
+    if data.provider is not None:
+        wanted = [p for p in provs.values() if data.provider in (p.name, str(p.id))]
+        if not wanted:
+            raise Invalid.field(
+                "provider", f"provider {data.provider!r} is not offered to this agency", "unknown"
+            )
+        provs = {wanted[0].id: wanted[0]}
+    elif policy is not None and policy.provider_id is not None and policy.provider_id in provs:
+        provs = {policy.provider_id: provs[policy.provider_id]}
+    if data.region is not None:
+        provs = {k: p for k, p in provs.items() if p.region == data.region}
+        if not provs:
+            raise Invalid.field("region", f"no provider in region {data.region!r}", "unknown")
+    if not provs:
+        raise Conflict(
+            "no provider offers servers to this agency; the center curates the catalog "
+            "(and its service company)"
+        )
+    resolved: dict[uuid.UUID, Resolved] = {}
+    reasons: list[tuple[str, str, str]] = []
+    for pid, provider in sorted(provs.items(), key=lambda kv: kv[1].name):
+        r, why = _resolve_on(provider, offered.get(pid, []), data)
+        if r is None:
+            assert why is not None
+            reasons.append(why)
+            continue
+        refusal = driver_class(provider.kind).invalid_name(data.name)
+        if refusal is not None:
+            reasons.append(("name", refusal, "provider_rule"))
+            continue
+        resolved[pid] = r
+    if not resolved:
+        # the reason the most providers agree on is the most useful one
+        field, message, code = max(reasons, key=reasons.count)
+        raise Invalid.field(field, message, code)
+    return resolved
+
+
+def quota_of(
+    r: Resolved, public_ip: bool, bandwidth_mbps: int | None, classes: Mapping[str, Any]
+) -> dict[str, int]:
+    """The ledger amounts a server of this shape holds."""
+    sizes: dict[str, int] = {"instances": 1, "vcpu": r.vcpu, "memory_mb": r.memory_mb}
+    for tier, gb in r.storage.items():
+        sizes[f"storage_gb.{tier}"] = gb
+    if public_ip:
+        sizes["public_ip"] = 1
+        if bandwidth_mbps:
+            sizes["bandwidth_mbps"] = bandwidth_mbps
+    unknown = [k for k in sizes if k not in classes]
+    if unknown:
+        raise Invalid.field(
+            "disks", f"no resource class for {', '.join(sorted(unknown))}", "unknown_class"
+        )
+    return sizes
+
+
+def _system(session: Session, principal: Principal, system_id: uuid.UUID) -> Tenant:
+    system = session.get(Tenant, system_id)
+    # another agency's system must look exactly like a missing one
+    if system is None or not principal.sees(system.path):
+        raise Invalid.field("system_id", f"no system {system_id}", "not_found")
+    if system.kind != TenantKind.system:
+        raise Invalid.field("system_id", f"{system.code} is an {system.kind}, not a system", "kind")
+    authorize(principal, MANAGE, system, subject=f"system {system_id}")
+    if system.status != TenantStatus.active:
+        raise Conflict.field("system_id", f"system {system.code} is {system.status}", "inactive")
+    return system
+
+
+def _needs_approval(policy: AgencyPolicy | None, r: Resolved) -> bool:
+    if policy is None:
+        return False
+    return bool(
+        (policy.approval_vcpu is not None and r.vcpu > policy.approval_vcpu)
+        or (policy.approval_memory_mb is not None and r.memory_mb > policy.approval_memory_mb)
+    )
+
+
+def _new_job(
+    *,
+    kind: JobKind,
+    state: JobState,
+    tenant: Tenant,
+    agency_id: uuid.UUID,
+    server_id: uuid.UUID,
+    provider_id: uuid.UUID,
+    principal: Principal,
+    params: dict[str, Any],
+) -> Job:
+    job_id = uuid.uuid4()
+    now = clock.now()
+    return Job(
+        id=job_id,
+        kind=kind.value,
+        state=state.value,
+        tenant_id=tenant.id,
+        agency_id=agency_id,
+        server_id=server_id,
+        provider_id=provider_id,
+        request_tag=request_tag(job_id),
+        params=params,
+        created_by=principal.username[:64],
+        created_at=now,
+        heartbeat_at=now,
+        log=[{"at": now.isoformat(), "state": state.value}],
+    )
+
+
+def _reserve(
+    session: Session,
+    job: Job,
+    tenant_id: uuid.UUID,
+    principal: Principal,
+    *,
+    ttl: timedelta | None = None,
+    owner: str | None = None,
+) -> None:
+    if not job.grow:
+        return
+    settings = get_settings()
+    reservation = ledger.reserve(
+        session,
+        tenant_id,
+        job.grow,
+        ref=f"job:{job.id}",
+        actor=principal.username,
+        ttl=ttl or timedelta(hours=settings.job_reservation_hours),
+        owner_ref=owner,
+    )
+    job.reservation_id = reservation.id
+
+
+def create_job(session: Session, principal: Principal, data: ServerCreate) -> Job:
+    """Validate, place and reserve a new server; the job that will build it, queued (or waiting
+    for an agency admin's approval, with the quota held meanwhile)."""
+    if (data.flavor is None) == (data.vcpu is None or data.memory_mb is None):
+        if data.flavor is not None:
+            raise Invalid.field("flavor", "give a flavor or vcpu and memory_mb, not both", "both")
+        raise Invalid.field("flavor", "give a flavor, or vcpu and memory_mb", "missing")
+    if data.bandwidth_mbps is not None and not data.public_ip:
+        raise Invalid.field("bandwidth_mbps", "bandwidth is for a public IP; ask for one", "no_ip")
+    system = _system(session, principal, data.system_id)
+    agency = catalog.agency_of(session, system)
+    resolved = _candidates(session, agency, data)
+    classes = ledger.resource_classes(session)
+    choice = place(
+        session,
+        [r.provider for r in resolved.values()],
+        {pid: (r.host_need, r.storage) for pid, r in resolved.items()},
+    )
+    r = resolved[choice.provider_id]
+    policy = session.get(AgencyPolicy, agency.id)
+    approval = _needs_approval(policy, r)
+    server_id = uuid.uuid4()
+    job = _new_job(
+        kind=JobKind.create,
+        state=JobState.pending_approval if approval else JobState.queued,
+        tenant=system,
+        agency_id=agency.id,
+        server_id=server_id,
+        provider_id=r.provider.id,
+        principal=principal,
+        params={
+            "name": data.name,
+            "request": data.model_dump(mode="json"),
+            "image": r.image.external_id,
+            "flavor": r.flavor.external_id if r.flavor else None,
+            "vcpu": r.vcpu,
+            "memory_mb": r.memory_mb,
+            "network": r.network.external_id if r.network else None,
+            "disks": [{"size_gb": gb, "tier": tier} for gb, tier in r.disks],
+            "public_ip": data.public_ip,
+            "bandwidth_mbps": data.bandwidth_mbps,
+            "host_hint": choice.host.external_id if choice.host else None,
+            "storage_hint": {t: p.external_id for t, p in choice.pools.items()},
+            "owner_tag": owner_tag(agency, system),
+            "scope_code": system.code,
+        },
+    )
+    job.placement = choice.explanation
+    job.grow = quota_of(r, data.public_ip, data.bandwidth_mbps, classes)
+    ttl = None
+    if approval:
+        assert policy is not None
+        job.deadline = clock.now() + timedelta(hours=policy.approval_hours)
+        ttl = timedelta(hours=policy.approval_hours + get_settings().job_reservation_hours)
+    session.add(job)
+    session.flush()
+    _reserve(session, job, system.id, principal, ttl=ttl)
+    session.add(job)
+    audit.record(
+        session,
+        principal,
+        "server.request",
+        tenant=system,
+        target_type="job",
+        target_id=job.id,
+        after={
+            "name": data.name,
+            "provider": r.provider.name,
+            "quota": job.grow,
+            "state": job.state,
+            "server_id": str(server_id),
+        },
+    )
+    session.flush()
+    return job
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: uuid.UUID
+    state: str
+    response: dict[str, Any]
+    replayed: bool
+
+
+def _key_row(session: Session, principal: Principal, key: str) -> IdempotencyKey | None:
+    stmt = select(IdempotencyKey).where(
+        IdempotencyKey.principal == principal.username[:64], IdempotencyKey.key == key
+    )
+    return session.execute(stmt).scalars().first()
+
+
+def _replay(row: IdempotencyKey, digest: str) -> Submitted:
+    if row.request_hash != digest:
+        raise Invalid.field(
+            IDEMPOTENCY_FIELD, "was used before with a different request body", "reused"
+        )
+    return Submitted(row.job_id, str(row.response.get("state")), row.response, True)
+
+
+def request_server(
+    db: SessionSource, principal: Principal, data: ServerCreate, *, key: str | None
+) -> Submitted:
+    """One unit of work around `create_job`, with the Idempotency-Key: the same key and body
+    get the first answer again, whoever wins a race between identical requests."""
+    digest = body_hash(data)
+    if key is not None and (not key.strip() or len(key) > 255 or "\x00" in key):
+        raise Invalid.field(IDEMPOTENCY_FIELD, "must be 1 to 255 characters", "invalid")
+    for _ in range(3):
+        try:
+            with db.unit_of_work() as session:
+                if key is not None:
+                    row = _key_row(session, principal, key)
+                    if row is not None and row.expires_at > clock.now():
+                        return _replay(row, digest)
+                    if row is not None:
+                        session.delete(row)
+                        session.flush()
+                job = create_job(session, principal, data)
+                response = JobPublic.model_validate(job).model_dump(mode="json")
+                if key is not None:
+                    session.add(
+                        IdempotencyKey(
+                            principal=principal.username[:64],
+                            key=key,
+                            request_hash=digest,
+                            job_id=job.id,
+                            response=response,
+                            expires_at=clock.now()
+                            + timedelta(hours=get_settings().idempotency_hours),
+                        )
+                    )
+                    session.flush()
+                return Submitted(job.id, job.state, response, False)
+        except IntegrityError:
+            # an identical request committed first (the unique key): answer as it was answered
+            if key is None:
+                raise
+            with db.unit_of_work(write=False) as session:
+                row = _key_row(session, principal, key)
+                if row is not None:
+                    return _replay(row, digest)
+    raise Conflict.field(IDEMPOTENCY_FIELD, "is being used by a request still running", "busy")
+
+
+def purge_idempotency_keys(session: Session) -> int:
+    rows = session.execute(
+        select(IdempotencyKey).where(col(IdempotencyKey.expires_at) <= clock.now()).limit(1000)
+    ).scalars()
+    n = 0
+    for row in rows:
+        session.delete(row)
+        n += 1
+    return n
+
+
+# --- lifecycle actions ---------------------------------------------------------------------------
+
+
+def _managed_server(session: Session, principal: Principal, server_id: uuid.UUID) -> Server:
+    server = inventory.get_server(session, principal, server_id)
+    if server.tenant_id is None:
+        raise Conflict(f"server {server.name} is not managed by govbroker; adopt it first")
+    tenant = session.get(Tenant, server.tenant_id)
+    assert tenant is not None
+    authorize(principal, MANAGE, tenant, subject=f"server {server_id}")
+    locked = session.get(Server, server_id, with_for_update=True, populate_existing=True)
+    assert locked is not None
+    if locked.gone_at is not None:
+        raise Conflict(f"server {server.name} is deleted", extra={"gone_at": str(locked.gone_at)})
+    busy = session.execute(
+        select(Job.id, Job.kind).where(
+            Job.server_id == server_id, col(Job.state).in_([s.value for s in ACTIVE_STATES])
+        )
+    ).first()
+    if busy is not None:
+        raise Conflict(f"server {server.name} is busy with job {busy[0]} ({busy[1]})")
+    return locked
+
+
+def _resize_target(
+    session: Session, server: Server, data: ServerAction, agency_id: uuid.UUID
+) -> tuple[int, int, str | None]:
+    if data.flavor is not None:
+        if data.vcpu is not None or data.memory_mb is not None:
+            raise Invalid.field("flavor", "give a flavor or vcpu and memory_mb, not both", "both")
+        items = catalog.offered_items(session, agency_id, [server.provider_id]).get(
+            server.provider_id, []
+        )
+        flavor = _by_code(items, CatalogKind.flavor).get(data.flavor)
+        if flavor is None:
+            raise Invalid.field("flavor", f"no flavor {data.flavor!r} is offered", "unknown")
+        return int(flavor.spec["vcpu"]), int(flavor.spec["memory_mb"]), flavor.external_id
+    if data.vcpu is None and data.memory_mb is None:
+        raise Invalid.field("vcpu", "give a flavor, or vcpu and/or memory_mb", "missing")
+    vcpu = data.vcpu if data.vcpu is not None else server.vcpu
+    memory_mb = data.memory_mb if data.memory_mb is not None else server.memory_mb
+    items = catalog.offered_items(session, agency_id, [server.provider_id]).get(
+        server.provider_id, []
+    )
+    bounds = [i.spec for i in items if i.kind == CatalogKind.size]
+    if not bounds:
+        raise Invalid.field("vcpu", "custom sizes are not offered; choose a flavor", "not_offered")
+    b = bounds[0]
+    if not b["min_vcpu"] <= vcpu <= b["max_vcpu"]:
+        raise Invalid.field(
+            "vcpu", f"must be between {b['min_vcpu']} and {b['max_vcpu']}", "out_of_bounds"
+        )
+    if not b["min_memory_mb"] <= memory_mb <= b["max_memory_mb"]:
+        raise Invalid.field(
+            "memory_mb",
+            f"must be between {b['min_memory_mb']} and {b['max_memory_mb']}",
+            "out_of_bounds",
+        )
+    return vcpu, memory_mb, None
+
+
+def _split(delta: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    grow = {k: v for k, v in delta.items() if v > 0}
+    shrink = {k: -v for k, v in delta.items() if v < 0}
+    return grow, shrink
+
+
+def _plan_action(
+    session: Session, server: Server, data: ServerAction, agency_id: uuid.UUID
+) -> tuple[dict[str, Any], dict[str, int], dict[str, int]]:
+    """The job's parameters and its quota movement: (params, grow now, shrink after)."""
+    booked = server.booked or {}
+    classes = ledger.resource_classes(session)
+    action = data.action
+    if action in ("start", "stop", "reboot"):
+        want = {"start": "running", "stop": "stopped", "reboot": "running"}[action]
+        if action != "reboot" and server.power_state == want:
+            raise Conflict(f"server {server.name} is already {want}")
+        if action == "reboot" and server.power_state != "running":
+            raise Conflict(
+                f"server {server.name} is {server.power_state}; only a running one reboots"
+            )
+        return {}, {}, {}
+    if action == "resize":
+        vcpu, memory_mb, flavor = _resize_target(session, server, data, agency_id)
+        if (vcpu, memory_mb) == (server.vcpu, server.memory_mb):
+            raise Conflict(f"server {server.name} already has {vcpu} vCPU / {memory_mb} MB")
+        grow, shrink = _split(
+            {
+                "vcpu": vcpu - int(booked.get("vcpu", 0)),
+                "memory_mb": memory_mb - int(booked.get("memory_mb", 0)),
+            }
+        )
+        return {"vcpu": vcpu, "memory_mb": memory_mb, "flavor": flavor}, grow, shrink
+    if action == "attach_disk":
+        if data.size_gb is None or data.tier is None:
+            raise Invalid.field(
+                "size_gb" if data.size_gb is None else "tier", "required", "missing"
+            )
+        items = catalog.offered_items(session, agency_id, [server.provider_id]).get(
+            server.provider_id, []
+        )
+        tier = _by_code(items, CatalogKind.tier).get(data.tier)
+        if tier is None:
+            raise Invalid.field("tier", f"no storage tier {data.tier!r} is offered", "unknown")
+        low, high = int(tier.spec.get("min_gb", 1)), int(tier.spec.get("max_gb", 1))
+        if not low <= data.size_gb <= high:
+            raise Invalid.field(
+                "size_gb", f"{data.tier} disks are {low} to {high} GB", "out_of_bounds"
+            )
+        rc = f"storage_gb.{data.tier}"
+        if rc not in classes:
+            raise Invalid.field("tier", f"no resource class {rc}", "unknown_class")
+        return (
+            {"size_gb": data.size_gb, "tier": data.tier, "disks_before": len(server.disks)},
+            {rc: data.size_gb},
+            {},
+        )
+    if action == "detach_disk":
+        if data.disk_id is None:
+            raise Invalid.field("disk_id", "required", "missing")
+        found = [(n, d) for n, d in enumerate(server.disks) if d.get("external_id") == data.disk_id]
+        if not found:
+            raise Invalid.field(
+                "disk_id", f"server {server.name} has no disk {data.disk_id}", "unknown"
+            )
+        n, disk = found[0]
+        if n == 0:
+            raise Invalid.field("disk_id", "the root disk cannot be detached", "root")
+        return (
+            {"disk_id": data.disk_id, "size_gb": disk["size_gb"], "tier": disk["tier"]},
+            {},
+            {f"storage_gb.{disk['tier']}": int(disk["size_gb"])},
+        )
+    if action == "add_public_ip":
+        grow = {"public_ip": 1}
+        if data.bandwidth_mbps:
+            grow["bandwidth_mbps"] = data.bandwidth_mbps
+        return (
+            {"bandwidth_mbps": data.bandwidth_mbps, "public_ips_before": _public_ips(server)},
+            grow,
+            {},
+        )
+    if action == "release_public_ip":
+        if data.ip is None:
+            raise Invalid.field("ip", "required", "missing")
+        if data.ip not in _public_ips(server):
+            raise Invalid.field("ip", f"{data.ip} is not a public IP of {server.name}", "unknown")
+        shrink = {"public_ip": 1}
+        if len(_public_ips(server)) == 1 and booked.get("bandwidth_mbps"):
+            shrink["bandwidth_mbps"] = int(booked["bandwidth_mbps"])
+        return {"ip": data.ip}, {}, shrink
+    raise Invalid.field("action", f"unknown action {action}", "unknown")  # pragma: no cover
+
+
+def _public_ips(server: Server) -> list[str]:
+    return list(server.public_ips or [])
+
+
+def _submit(
+    session: Session,
+    principal: Principal,
+    server: Server,
+    kind: JobKind,
+    params: dict[str, Any],
+    grow: dict[str, int],
+    shrink: dict[str, int],
+) -> Job:
+    tenant = session.get(Tenant, server.tenant_id)
+    assert tenant is not None
+    agency = catalog.agency_of(session, tenant)
+    job = _new_job(
+        kind=kind,
+        state=JobState.queued,
+        tenant=tenant,
+        agency_id=agency.id,
+        server_id=server.id,
+        provider_id=server.provider_id,
+        principal=principal,
+        params={"external_id": server.external_id, "name": server.name, **params},
+    )
+    job.grow, job.shrink = grow, shrink
+    session.add(job)
+    session.flush()
+    _reserve(session, job, tenant.id, principal, owner=owner_ref(server.id))
+    session.add(job)
+    audit.record(
+        session,
+        principal,
+        f"server.{kind.value}",
+        tenant=tenant,
+        target_type="server",
+        target_id=server.id,
+        after={
+            "job_id": str(job.id),
+            **{k: v for k, v in params.items() if k != "external_id"},
+            "grow": grow,
+            "shrink": shrink,
+        },
+    )
+    session.flush()
+    return job
+
+
+def act(session: Session, principal: Principal, server_id: uuid.UUID, data: ServerAction) -> Job:
+    server = _managed_server(session, principal, server_id)
+    tenant = session.get(Tenant, server.tenant_id)
+    assert tenant is not None
+    agency = catalog.agency_of(session, tenant) if tenant.kind != TenantKind.agency else tenant
+    params, grow, shrink = _plan_action(session, server, data, agency.id)
+    return _submit(session, principal, server, JobKind(data.action), params, grow, shrink)
+
+
+def delete(session: Session, principal: Principal, server_id: uuid.UUID) -> Job:
+    server = _managed_server(session, principal, server_id)
+    return _submit(session, principal, server, JobKind.delete, {}, {}, {})
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+
+
+def _job_scope(principal: Principal) -> Any:
+    return col(Job.tenant_id).in_(
+        select(Tenant.id).where(principal.scope_filter("server.read", col(Tenant.path)))
+    )
+
+
+def get_job(session: Session, principal: Principal, job_id: uuid.UUID) -> Job:
+    job = (
+        session.execute(select(Job).where(Job.id == job_id, _job_scope(principal)))
+        .scalars()
+        .first()
+    )
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    principal: Principal,
+    *,
+    tenant_id: uuid.UUID | None = None,
+    server_id: uuid.UUID | None = None,
+    state: str | None = None,
+    cursor: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> tuple[list[Job], str | None]:
+    stmt = select(Job).where(_job_scope(principal))
+    if tenant_id is not None:
+        tenant = session.get(Tenant, tenant_id)
+        if tenant is None or not principal.sees(tenant.path):
+            raise Invalid.field("tenant_id", f"no tenant {tenant_id}", "not_found")
+        sub = select(Tenant.id).where(col(Tenant.path).startswith(tenant.path))
+        stmt = stmt.where(col(Job.tenant_id).in_(sub))
+    if server_id is not None:
+        stmt = stmt.where(Job.server_id == server_id)
+    if state is not None:
+        stmt = stmt.where(Job.state == state)
+    if cursor:
+        at, jid = decode_cursor(cursor, [str, uuid.UUID])
+        from datetime import datetime
+
+        when = datetime.fromisoformat(at)
+        stmt = stmt.where(
+            or_(col(Job.created_at) < when, and_(col(Job.created_at) == when, col(Job.id) < jid))
+        )
+    rows = list(
+        session.execute(
+            stmt.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit + 1)
+        ).scalars()
+    )
+    nxt = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        nxt = encode_cursor(last.created_at.isoformat(), last.id)
+    return rows[:limit], nxt
+
+
+def decide(
+    session: Session, principal: Principal, job_id: uuid.UUID, *, approve: bool, reason: str | None
+) -> Job:
+    """An agency admin approves (the job is queued) or rejects (the quota is given back)."""
+    job = get_job(session, principal, job_id)
+    tenant = session.get(Tenant, job.tenant_id)
+    assert tenant is not None
+    authorize(principal, APPROVE, tenant, subject=f"job {job_id}")
+    locked = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    assert locked is not None
+    if locked.state != JobState.pending_approval:
+        raise Conflict(f"job {job_id} is {locked.state}, not waiting for approval")
+    now = clock.now()
+    if locked.deadline is not None and locked.deadline <= now:
+        raise Conflict(f"job {job_id} waited past its deadline ({locked.deadline.isoformat()})")
+    if approve:
+        locked.state = JobState.queued.value
+        locked.heartbeat_at = now
+    else:
+        if locked.reservation_id is not None:
+            ledger.release(session, locked.reservation_id)
+        locked.state = JobState.rejected.value
+        locked.finished_at = now
+        locked.error = reason or "rejected"
+    locked.decided_by = principal.username[:64]
+    locked.log = [
+        *locked.log,
+        {"at": now.isoformat(), "state": locked.state, "by": principal.username, "reason": reason},
+    ]
+    session.add(locked)
+    audit.record(
+        session,
+        principal,
+        "job.approve" if approve else "job.reject",
+        tenant=tenant,
+        target_type="job",
+        target_id=job_id,
+        before={"state": JobState.pending_approval.value},
+        after={"state": locked.state, "reason": reason},
+    )
+    session.flush()
+    return locked
