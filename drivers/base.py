@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -171,6 +172,8 @@ class Server:
     created_at: datetime | None
     host: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # the addresses of `ips` reachable from outside (floating IPs, public pool addresses)
+    public_ips: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,9 @@ class ServerSpec:
     disks: tuple[Disk, ...] = ()
     public_ip: bool = False
     host_hint: str | None = None
+    storage_hint: str | None = None  # a storage pool's external id, for the disks
     scope: str | None = None  # from ensure_tenant_scope
+    bandwidth_mbps: int | None = None  # of the public IP, where the provider can limit it
 
 
 # --- the interface -----------------------------------------------------------------------------
@@ -203,6 +208,11 @@ class Driver(abc.ABC):
 
     kind: str = "abstract"
     capabilities: frozenset[Capability] = frozenset()
+    # what the provider accepts as a server name; `name_rule` says it in words for the user
+    name_max_length: int = 255
+    # matched from the start with \Z at the end: "$" would let a trailing newline through
+    name_pattern: re.Pattern[str] = re.compile(r"^[^\x00-\x1f\x7f]+\Z")
+    name_rule: str = "1 to 255 characters, no control characters"
 
     def __init__(self, endpoint: str, credentials: Mapping[str, str], options: Mapping[str, Any]):
         self.endpoint = endpoint
@@ -212,6 +222,14 @@ class Driver(abc.ABC):
     def require(self, capability: Capability) -> None:
         if capability not in self.capabilities:
             raise Unsupported(f"{self.kind} provider cannot {capability}")
+
+    @classmethod
+    def invalid_name(cls, name: str) -> str | None:
+        """Why the provider would refuse `name` as a server name, or None when it is fine.
+        A class method: the broker checks names before it reserves anything or connects."""
+        if not name or len(name) > cls.name_max_length or not cls.name_pattern.match(name):
+            return f"{cls.kind} server names are {cls.name_rule}"
+        return None
 
     @abc.abstractmethod
     def check(self) -> None:
@@ -263,6 +281,23 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, external_id: str) -> None: ...
+
+    def attach_disk(self, external_id: str, disk: Disk) -> Server:
+        """Create a data disk of `disk.size_gb` on `disk.tier` and attach it; the returned
+        server lists it (with its external id) after the disks it had."""
+        raise Unsupported(f"{self.kind} provider cannot attach disks")
+
+    def detach_disk(self, external_id: str, disk_id: str) -> Server:
+        """Detach the data disk `disk_id` and delete it (the root disk cannot be detached)."""
+        raise Unsupported(f"{self.kind} provider cannot detach disks")
+
+    def add_public_ip(self, external_id: str, *, bandwidth_mbps: int | None = None) -> Server:
+        """Give the server one public address (listed in `ips` and `public_ips`)."""
+        raise Unsupported(f"{self.kind} provider cannot add public IPs")
+
+    def release_public_ip(self, external_id: str, ip: str) -> Server:
+        """Take the public address `ip` off the server and give it back to the pool."""
+        raise Unsupported(f"{self.kind} provider cannot release public IPs")
 
     @abc.abstractmethod
     def ensure_tenant_scope(self, tenant_code: str) -> str | None:

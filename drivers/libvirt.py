@@ -33,6 +33,17 @@ Options (all optional):
 - ``retries``, ``retry_max_wait``: attempts and backoff cap (seconds) for Unavailable errors.
 - ``cluster``: the cluster name reported on every host; ``domain_type``: override ``kvm``.
 
+- ``detach_timeout``: seconds a running guest may take to release a detached disk before its
+  volume is deleted (30).
+
+Data disks are attached and detached after creation: ``attach_disk`` creates a volume in a pool
+of the tier on the server's host and hot-plugs it (or adds it to the definition of a stopped
+domain); ``detach_disk`` unplugs it and deletes the volume. A hypervisor without hot-plug (libvirt's
+test driver is one) can only change stopped servers: running ones are refused with Unsupported.
+Server names become the domain title (the domain name is a slug of it plus a UUID prefix), and
+libvirt refuses a '/' or a newline in either, so names with '/' or control characters are refused.
+There are no public addresses: a server's addresses come from its network's DHCP range.
+
 Credentials (optional) ``username`` and ``password`` answer SASL prompts; SSH and TLS transports
 authenticate with keys and certificates named in the URI.
 """
@@ -491,10 +502,7 @@ def _domain_xml(
     sub(root, "on_crash", "destroy")
     devices = sub(root, "devices")
     for index, (pool, volume, fmt) in enumerate(disks):
-        disk = sub(devices, "disk", type="volume", device="disk")
-        sub(disk, "driver", name="qemu", type=fmt, cache="none")
-        sub(disk, "source", pool=pool, volume=volume)
-        sub(disk, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
+        devices.append(_disk_element(pool, volume, fmt, _target_name(index)))
     if nic is not None:
         interface = sub(devices, "interface", type="network")
         sub(interface, "mac", address=nic[0])
@@ -502,6 +510,24 @@ def _domain_xml(
         sub(interface, "model", type="virtio")
     sub(devices, "memballoon", model="virtio")
     return ET.tostring(root, encoding="unicode")
+
+
+def _disk_element(pool: str, volume: str, fmt: str, target: str) -> ET.Element:
+    disk = ET.Element("disk", {"type": "volume", "device": "disk"})
+    ET.SubElement(disk, "driver", {"name": "qemu", "type": fmt, "cache": "none"})
+    ET.SubElement(disk, "source", {"pool": pool, "volume": volume})
+    ET.SubElement(disk, "target", {"dev": target, "bus": "virtio"})
+    return disk
+
+
+def _target_name(index: int) -> str:
+    """vda … vdz, vdaa … (as the kernel names virtio disks)."""
+    name = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        name = chr(ord("a") + rest) + name
+    return f"vd{name}"
 
 
 def _volume_xml(name: str, capacity_gb: int, fmt: str, backing: _Volume | None = None) -> str:
@@ -714,6 +740,9 @@ def _not_found(what: str, key: str, provider_message: str | None = None) -> NotF
 
 class LibvirtDriver(Driver):
     kind = "libvirt"
+    # libvirt refuses '/' and newlines in domain names and newlines in titles; it sets no length
+    name_pattern = re.compile(r"^[^/\x00-\x1f\x7f]+\Z")
+    name_rule = "1 to 255 characters, no '/' and no control characters"
     # resize_live: domains are defined with a maximum above their size, and vCPU and memory
     # changes within it apply to the running domain; growing past it needs the server stopped
     # (refused with Conflict while running). No floating IPs (addresses come from each network's
@@ -754,6 +783,7 @@ class LibvirtDriver(Driver):
         self._live_factor = max(1.0, float(options.get("live_resize_factor", 2.0)))
         self._volume_format = str(options.get("volume_format", "qcow2"))
         self._stop_timeout = float(options.get("stop_timeout", 60.0))
+        self._detach_timeout = float(options.get("detach_timeout", 30.0))
         self._keepalive = (
             int(options.get("keepalive_interval", 5)),
             int(options.get("keepalive_count", 3)),
@@ -1133,6 +1163,9 @@ class LibvirtDriver(Driver):
         return tiers[0] if tiers else None
 
     def _create(self, spec: ServerSpec, everywhere: list[_HostState]) -> Server:
+        why = self.invalid_name(spec.name)
+        if why is not None:
+            raise InvalidSpec(f"libvirt: invalid server name {spec.name!r}: {why}")
         vcpu, memory_mb, flavor = self._size(spec)
         if spec.public_ip:
             raise Unsupported("libvirt: libvirt networks have no floating or public addresses")
@@ -1457,6 +1490,97 @@ class LibvirtDriver(Driver):
 
         self._remote("delete", do)
 
+    def attach_disk(self, external_id: str, disk: Disk) -> Server:
+        if disk.size_gb < 1:
+            raise InvalidSpec(f"libvirt: invalid disk size {disk.size_gb} GB")
+
+        def do() -> Server:
+            host, conn, dom = self._locate(external_id)
+            domain = _parse_domain(dom.XMLDesc(0))
+            pool = self._pool_for(host, conn, disk)
+            fmt = self._volume_format
+            taken = {d.target for d in domain.disks}
+            taken |= {d.target for d in _parse_domain(_inactive_xml(dom)).disks}
+            target = next(
+                _target_name(i) for i in range(len(taken) + 1) if _target_name(i) not in taken
+            )
+            vol = conn.storagePoolLookupByName(pool.name).createXML(
+                _volume_xml(f"{domain.name}-{secrets.token_hex(4)}.{fmt}", disk.size_gb, fmt), 0
+            )
+            element = _disk_element(pool.name, vol.name(), fmt, target)
+            try:
+                _change_devices(dom, element, attach=True)
+            except BaseException:
+                with contextlib.suppress(libvirt.libvirtError):
+                    vol.delete(0)
+                raise
+            return self._server(host, conn, dom)
+
+        return self._remote("attach_disk", do)
+
+    def _pool_for(self, host: _HostRef, conn: Any, disk: Disk) -> _Pool:
+        pools = [p for p in self._pools_of(conn) if p.active and p.tier == disk.tier]
+        if not pools:
+            raise _not_found("storage pool of tier", f"{disk.tier} on {host.name}")
+        pool = max(pools, key=lambda p: p.available)
+        if pool.available < disk.size_gb * GIB:
+            raise ProviderQuotaExceeded(
+                f"libvirt: no {disk.tier} pool on {host.name} has {disk.size_gb} GB free",
+                provider_message=f"Not enough space in storage pool '{pool.name}': "
+                f"{pool.available // GIB} GiB available, {disk.size_gb} GiB asked",
+            )
+        return pool
+
+    def detach_disk(self, external_id: str, disk_id: str) -> Server:
+        def do() -> Server:
+            host, conn, dom = self._locate(external_id)
+            xml = dom.XMLDesc(0)
+            domain = _parse_domain(xml)
+            view = _HostView(self, host, conn, bulk=False)
+            index, ref, vol = next(
+                (
+                    (i, r, v)
+                    for i, r in enumerate(domain.disks)
+                    for v in [view.volume(r)]
+                    if disk_id in ((v.key if v else None), r.path)
+                ),
+                (None, None, None),
+            )
+            if index is None or ref is None:
+                raise _not_found("disk", disk_id, f"No disk {disk_id} on domain {domain.name}")
+            if index == 0:
+                raise InvalidSpec(
+                    f"libvirt: {disk_id} is the root disk of {domain.display_name}",
+                    provider_message=f"disk {ref.target} is the boot disk of domain {domain.name}",
+                )
+            element = next(
+                d
+                for d in _parse(xml).iterfind("devices/disk")
+                if d.find("target") is not None and d.find("target").get("dev") == ref.target  # type: ignore[union-attr]
+            )
+            _change_devices(dom, element, attach=False)
+            if dom.isActive():
+                self._await_release(dom, ref.target)
+            # a shared or read-only disk, or an image, belongs to others too: only unplug it
+            if vol is not None and not ref.shared and vol.pool != self._image_pool:
+                _delete_volume(conn, vol)
+            return self._server(host, conn, dom)
+
+        return self._remote("detach_disk", do)
+
+    def _await_release(self, dom: Any, target: str) -> None:
+        """A running guest releases an unplugged disk when it is ready to: its volume must not
+        be deleted before."""
+        deadline = time.monotonic() + self._detach_timeout
+        while any(d.target == target for d in _parse_domain(dom.XMLDesc(0)).disks):
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"libvirt: the guest of {dom.name()} has not released disk {target} yet",
+                    provider_message=f"device {target} is still attached to {dom.name()} "
+                    f"after {self._detach_timeout:.0f} s",
+                )
+            time.sleep(0.5)
+
     def ensure_tenant_scope(self, tenant_code: str) -> str | None:
         # libvirt has no projects or folders: ownership lives in each domain's metadata
         return None
@@ -1643,6 +1767,58 @@ def _undo(dom: Any, volumes: list[Any], reservation: _Reservation | None) -> Non
     if reservation is not None:
         with contextlib.suppress(libvirt.libvirtError):
             reservation.apply(libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE)
+
+
+def _inactive_xml(dom: Any) -> str:
+    if not dom.isPersistent():
+        return str(dom.XMLDesc(0))
+    # SECURE: the definition is written back whole, with its passwords
+    return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+
+
+def _change_devices(dom: Any, disk: ET.Element, *, attach: bool) -> None:
+    """Hot-plug (or unplug) a disk on a running domain and in its definition; on a stopped one,
+    in its definition only."""
+    xml = ET.tostring(disk, encoding="unicode")
+    if dom.isActive():
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if dom.isPersistent():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    else:
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    try:
+        if attach:
+            dom.attachDeviceFlags(xml, flags)
+        else:
+            dom.detachDeviceFlags(xml, flags)
+        return
+    except libvirt.libvirtError as exc:
+        if not _is(exc, "VIR_ERR_NO_SUPPORT"):
+            raise
+        if dom.isActive():
+            raise Unsupported(
+                f"libvirt: the hypervisor of {dom.name()} cannot {'attach' if attach else 'detach'}"
+                " disks while it runs; stop the server first",
+                provider_message=exc.get_error_message() or str(exc),
+            ) from exc
+    # Hypervisors without the device API (libvirt's test driver) still take a new definition,
+    # which is what the API does to a stopped domain.
+    root = _parse(_inactive_xml(dom))
+    devices = root.find("devices")
+    if devices is None:
+        devices = ET.SubElement(root, "devices")
+    target = disk.find("target")
+    dev = target.get("dev") if target is not None else None
+    if attach:
+        disks = list(devices.iterfind("disk"))
+        position = list(devices).index(disks[-1]) + 1 if disks else 0
+        devices.insert(position, disk)
+    else:
+        for old in devices.findall("disk"):
+            old_target = old.find("target")
+            if old_target is not None and old_target.get("dev") == dev:
+                devices.remove(old)
+    dom.connect().defineXML(ET.tostring(root, encoding="unicode"))
 
 
 def _write_tags(dom: Any, domain: _Domain, tags: _Tags) -> None:

@@ -30,6 +30,14 @@ How the driver maps govbroker's model onto OpenStack:
   ``none`` that creates servers with ``networks="none"``.
 - Floating IPs: only when the network service has the L3 extension ("router") and an external
   network; otherwise Capability.floating_ip is absent and ``public_ip=True`` raises Unsupported.
+  ``add_public_ip`` allocates one in the server's project and associates it with the server's
+  first port (Neutron maps one floating IP to one fixed address, so a second one is a Conflict);
+  ``release_public_ip`` deletes it. Bandwidth limits need Neutron QoS policies, which the driver
+  does not manage: ``bandwidth_mbps`` is not applied. Floating addresses are the ``public_ips``.
+- Attaching and detaching data disks after creation needs the block-storage service
+  (Capability.volumes): ``attach_disk`` creates a volume of the tier's volume type and attaches
+  it; ``detach_disk`` detaches and deletes it. The root and the ephemeral disk stay.
+- Names: Nova takes 1 to 255 characters without leading or trailing whitespace.
 - Custom sizes: a public flavor of exactly that size, found or created (``gb.<vcpu>c<mem>m...``).
   Resizing goes through Nova's resize + confirm, which restarts the guest: not a live resize.
 
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -197,6 +206,11 @@ def _gb(value: Any) -> int:
         return 0
 
 
+def _is_volume_id(disk_id: str) -> bool:
+    # root and ephemeral disks are "<server id>:root" and "<server id>:ephemeral0"
+    return ":" not in disk_id
+
+
 def _valid_nova_tag(tag: str) -> bool:
     return 0 < len(tag) <= NOVA_TAG_MAX and "/" not in tag and "," not in tag
 
@@ -209,6 +223,8 @@ class OpenStackDriver(Driver):
     # what every Nova cloud can do; check() adds floating_ip and volumes when the catalog has
     # the services for them
     capabilities = BASE_CAPABILITIES
+    name_pattern = re.compile(r"^(?!\s)[^\x00-\x1f\x7f]+(?<!\s)\Z")
+    name_rule = "1 to 255 characters, no control characters, no leading or trailing whitespace"
 
     def __init__(self, endpoint: str, credentials: Mapping[str, str], options: Mapping[str, Any]):
         super().__init__(endpoint, credentials, options)
@@ -517,6 +533,7 @@ class OpenStackDriver(Driver):
             for a in addresses:
                 (floating if a.get("OS-EXT-IPS:type") == "floating" else fixed).append(a["addr"])
         return Server(
+            public_ips=tuple(floating),
             external_id=server_id,
             name=str(s.name),
             vcpu=int(flavor.vcpus),
@@ -751,6 +768,9 @@ class OpenStackDriver(Driver):
         return [{"uuid": network or self.list_networks()[0].external_id}]
 
     def create_server(self, spec: ServerSpec) -> Server:
+        why = self.invalid_name(spec.name)
+        if why is not None:
+            raise InvalidSpec(f"openstack: invalid server name {spec.name!r}: {why}")
         existing = self.find_server_by_tag(spec.request_tag)
         if existing is not None:
             return self._settle_create(existing.external_id)
@@ -849,6 +869,166 @@ class OpenStackDriver(Driver):
             conn.network.create_ip(floating_network_id=network_id, port_id=ports[0].id)
 
         self._remote(f"attach a floating IP to {server_id}", do)
+
+    def add_public_ip(self, external_id: str, *, bandwidth_mbps: int | None = None) -> Server:
+        network_id = self._floating_network()
+        if network_id is None:
+            raise Unsupported(
+                "openstack: this cloud has no floating IPs (no network service with L3 and an "
+                "external network)"
+            )
+        s = self._get_raw(external_id)
+        before = {str(a) for a in self.get_server(external_id).public_ips}
+
+        def do() -> str:
+            ports = list(self._conn.network.ports(device_id=external_id))
+            if not ports:
+                raise Conflict(
+                    f"openstack: server {external_id} has no port to attach a floating IP to",
+                    provider_message="no port",
+                )
+            for fip in self._conn.network.ips(port_id=ports[0].id):
+                address = str(fip.floating_ip_address)
+                if address in before:
+                    raise Conflict(
+                        f"openstack: the port of server {external_id} has floating IP {address} "
+                        "already, and Neutron maps one floating IP to one fixed address",
+                        provider_message=f"port {ports[0].id} already has floating IP {address}",
+                    )
+                return address  # allocated by an earlier attempt whose answer was lost
+            fip = self._conn.network.create_ip(
+                floating_network_id=network_id, port_id=ports[0].id, project_id=s.project_id
+            )
+            return str(fip.floating_ip_address)
+
+        address = self._remote(f"add a floating IP to {external_id}", do)
+        return self._address_settled(external_id, address, present=True)
+
+    def release_public_ip(self, external_id: str, ip: str) -> Server:
+        if self._floating_network() is None:
+            raise Unsupported("openstack: this cloud has no floating IPs")
+        self._get_raw(external_id)  # NotFound for an unknown server
+        attempts = 0
+
+        def do() -> None:
+            nonlocal attempts
+            attempts += 1
+            port_ids = {p.id for p in self._conn.network.ports(device_id=external_id)}
+            fips = [
+                f
+                for f in self._conn.network.ips(floating_ip_address=ip)
+                if f.port_id and f.port_id in port_ids
+            ]
+            if not fips:
+                if attempts > 1:
+                    return  # the first attempt released it and its answer was lost
+                raise NotFound(
+                    f"openstack: server {external_id} has no floating IP {ip}",
+                    provider_message=f"Floating IP {ip} is not associated with server "
+                    f"{external_id}.",
+                )
+            for fip in fips:
+                self._conn.network.delete_ip(fip, ignore_missing=True)
+
+        self._remote(f"release floating IP {ip} of {external_id}", do)
+        return self._address_settled(external_id, ip, present=False)
+
+    def _address_settled(self, server_id: str, address: str, *, present: bool) -> Server:
+        """Nova learns of a floating IP change from Neutron a moment later: wait for it."""
+        deadline = time.monotonic() + self._wait_timeout_s
+        while True:
+            server = self.get_server(server_id)
+            if (address in server.public_ips) == present or time.monotonic() > deadline:
+                return server
+            time.sleep(self._poll_s)
+
+    def attach_disk(self, external_id: str, disk: Disk) -> Server:
+        if not self._has_volumes():
+            raise Unsupported("openstack: this cloud has no block-storage service to add disks")
+        if disk.size_gb < 1:
+            raise InvalidSpec(f"openstack: invalid disk size {disk.size_gb} GB")
+        if disk.tier == self._local_tier:
+            raise Unsupported(
+                f"openstack: disks on the hypervisors' local disk (tier {self._local_tier!r}) "
+                "come only with the flavor at create"
+            )
+        s = self._get_raw(external_id)
+        volumes = self._conn.block_storage
+        # a name of its own, so a retry after a lost answer finds the volume instead of making
+        # a second one
+        name = f"{s.name}-data-{secrets.token_hex(4)}"
+
+        def create() -> Any:
+            for found in volumes.volumes(name=name):
+                return found
+            return volumes.create_volume(size=disk.size_gb, volume_type=disk.tier, name=name)
+
+        def attach() -> None:
+            current = volumes.get_volume(volume.id)
+            if any(a.get("server_id") == external_id for a in current.attachments or ()):
+                return  # attached by an earlier attempt
+            self._conn.compute.create_volume_attachment(external_id, volume_id=volume.id)
+
+        volume = self._remote(f"create a {disk.size_gb} GB volume", create)
+        try:
+            self._volume_settled(volume.id, "available")
+            self._remote(f"attach volume {volume.id} to {external_id}", attach)
+            self._volume_settled(volume.id, "in-use")
+        except BaseException:
+            with contextlib.suppress(DriverError, os_exc.SDKException):
+                self._conn.compute.delete_volume_attachment(external_id, volume.id)
+            with contextlib.suppress(DriverError, os_exc.SDKException):
+                self._volume_settled(volume.id, "available")
+                volumes.delete_volume(volume.id, ignore_missing=True)
+            raise
+        return self.get_server(external_id)
+
+    def detach_disk(self, external_id: str, disk_id: str) -> Server:
+        s = self._get_raw(external_id)
+        if disk_id == f"{external_id}:root":
+            raise InvalidSpec(
+                f"openstack: {disk_id} is the root disk of {s.name}",
+                provider_message="The root disk of a server cannot be detached.",
+            )
+        attached = {str(a.id or a.volume_id) for a in s.attached_volumes or ()}
+        if disk_id not in attached:
+            raise NotFound(
+                f"openstack: server {external_id} has no disk {disk_id!r}",
+                provider_message=f"Volume {disk_id} is not attached to server {external_id}.",
+            )
+        if not _is_volume_id(disk_id) or not self._has_volumes():
+            raise Unsupported(f"openstack: {disk_id} is not a volume and cannot be detached")
+        self._remote(
+            f"detach volume {disk_id} from {external_id}",
+            lambda: self._conn.compute.delete_volume_attachment(external_id, disk_id),
+        )
+        self._volume_settled(disk_id, "available")
+        self._remote(
+            f"delete volume {disk_id}",
+            lambda: self._conn.block_storage.delete_volume(disk_id, ignore_missing=True),
+        )
+        return self.get_server(external_id)
+
+    def _volume_settled(self, volume_id: str, status: str) -> None:
+        deadline = time.monotonic() + self._wait_timeout_s
+        while True:
+            volume = self._remote(
+                f"read volume {volume_id}", lambda: self._conn.block_storage.get_volume(volume_id)
+            )
+            if volume.status == status:
+                return
+            if str(volume.status).startswith("error"):
+                raise DriverError(
+                    f"openstack: volume {volume_id} went to {volume.status}",
+                    provider_message=f"volume status {volume.status}",
+                )
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"openstack: volume {volume_id} did not become {status} in "
+                    f"{self._wait_timeout_s:.0f} s (status {volume.status})",
+                    provider_message=f"volume status {volume.status}",
+                )
+            time.sleep(self._poll_s)
 
     # -- lifecycle --
 

@@ -25,13 +25,23 @@ to open a shared store configures it, and ``SimulatorDriver.ex_reset_shared(name
 
 ``create_server`` is idempotent by request tag: an attempt that finds a server already carrying the
 spec's request tag returns it instead of creating a second one, so retrying a create whose answer
-was lost is safe.
+was lost is safe. Server names follow host-name rules (1 to 63 characters of letters, digits,
+'-', '_' and '.', starting with a letter or digit); others are refused with InvalidSpec.
+
+Each tier has one storage pool. Data disks take room from their tier's pool, at create or later
+with ``attach_disk`` (``detach_disk`` gives it back; the root disk, first in ``disks``, stays). A
+``storage_hint`` must name the pool of the data disks' tier. Public addresses come from
+``PUBLIC_CIDR``, at create (``public_ip``) or with ``add_public_ip``, and are listed in both
+``ips`` and ``public_ips``; the bandwidth asked for them is kept and shown in
+``extra["bandwidth_mbps"]``. Every one of these operations can be made to fail by its name in
+``fail_operations``, like the others.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import threading
 import time
 import uuid
@@ -89,6 +99,7 @@ DEFAULT_IMAGES: tuple[Mapping[str, Any], ...] = (
 )
 DEFAULT_OVERCOMMIT: Mapping[str, float] = {"vcpu": 4.0, "memory_mb": 1.0}
 PUBLIC_CIDR = "203.0.113.0/24"  # TEST-NET-3: never routed
+_PUBLIC_NET = ipaddress.ip_network(PUBLIC_CIDR)
 FIRST_HOST_OFFSET = 10  # the first addresses of a subnet belong to gateways and DHCP
 
 ERROR_KINDS: Mapping[str, type[DriverError]] = {
@@ -155,6 +166,12 @@ class _ServerState:
     image: str
     flavor: str | None
     scope: str | None
+    bandwidth_mbps: int | None = None
+    # None when the image and flavor gave no root disk: then every disk is a data disk
+    root_disk: str | None = None
+
+    def public_ips(self) -> tuple[str, ...]:
+        return tuple(ip for ip in self.ips if ipaddress.ip_address(ip) in _PUBLIC_NET)
 
     def to_server(self) -> Server:
         extra: dict[str, Any] = {"image": self.image, "network": self.network}
@@ -162,6 +179,8 @@ class _ServerState:
             extra["flavor"] = self.flavor
         if self.scope is not None:
             extra["scope"] = self.scope
+        if self.bandwidth_mbps is not None:
+            extra["bandwidth_mbps"] = self.bandwidth_mbps
         return Server(
             external_id=self.external_id,
             name=self.name,
@@ -175,6 +194,7 @@ class _ServerState:
             created_at=self.created_at,
             host=self.host,
             extra=extra,
+            public_ips=self.public_ips(),
         )
 
 
@@ -256,6 +276,22 @@ class _Store:
     def used_gb(self, tier: str) -> int:
         return sum(d.size_gb for s in self.servers.values() for d in s.disks if d.tier == tier)
 
+    def reserve(self, disks: Iterable[Disk]) -> None:
+        """Refuse disks that are empty or that their tier's pool has no room for."""
+        want: dict[str, int] = {}
+        for d in disks:
+            if d.size_gb < 1:
+                raise InvalidSpec(f"simulator: invalid disk size {d.size_gb} GB")
+            want[d.tier] = want.get(d.tier, 0) + d.size_gb
+        for tier, gb in want.items():
+            pool = self.pool(tier)
+            free = pool.capacity_gb - self.used_gb(tier)
+            if gb > free:
+                raise ProviderQuotaExceeded(
+                    f"simulator: pool {pool.name} has {free} GB free, {gb} GB asked",
+                    provider_message=f"Insufficient disk space on datastore '{pool.name}'.",
+                )
+
     def pool(self, tier: str) -> _PoolState:
         for p in self.pools:
             if p.tier == tier:
@@ -315,12 +351,15 @@ def _load_servers(store: _Store, data: Mapping[str, Any]) -> None:
     store.scopes = set(data.get("scopes", ()))
     for item in data.get("servers", ()):
         srv = _ServerState(
-            **{k: item[k] for k in _SERVER_SCALARS},
+            **{k: item.get(k) for k in _SERVER_SCALARS},
             disks=[Disk(size_gb=d[0], tier=d[1], external_id=d[2]) for d in item["disks"]],
             ips=list(item["ips"]),
             power_state=PowerState(item["power_state"]),
             created_at=datetime.fromisoformat(item["created_at"]),
         )
+        if "root_disk" not in item and srv.disks:
+            # files written before root_disk was kept: every default image has a root disk
+            srv.root_disk = srv.disks[0].external_id
         store.servers[srv.external_id] = srv
 
 
@@ -336,6 +375,8 @@ _SERVER_SCALARS = (
     "image",
     "flavor",
     "scope",
+    "bandwidth_mbps",
+    "root_disk",
 )
 MUTATING = frozenset(
     {
@@ -347,6 +388,10 @@ MUTATING = frozenset(
         "delete",
         "set_owner",
         "ensure_tenant_scope",
+        "attach_disk",
+        "detach_disk",
+        "add_public_ip",
+        "release_public_ip",
     }
 )
 
@@ -370,6 +415,11 @@ def _pick(items: Iterable[T], key: str, what: str, attr: Callable[[T], tuple[str
 
 class SimulatorDriver(Driver):
     kind = "simulator"
+    name_max_length = 63
+    name_pattern = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+    name_rule = (
+        "1 to 63 characters: letters, digits, '-', '_' and '.', starting with a letter or digit"
+    )
     capabilities = frozenset(
         {
             Capability.create,
@@ -662,6 +712,14 @@ class SimulatorDriver(Driver):
 
     def _create(self, spec: ServerSpec) -> Server:
         st = self._store
+        why = self.invalid_name(spec.name)
+        if why is not None:
+            raise InvalidSpec(
+                f"simulator: invalid server name {spec.name!r}: {why}",
+                provider_message=f"Invalid input for field/attribute name. Value: {spec.name}.",
+            )
+        if spec.bandwidth_mbps is not None and spec.bandwidth_mbps < 1:
+            raise InvalidSpec(f"simulator: invalid bandwidth {spec.bandwidth_mbps} Mbit/s")
         flavor: Flavor | None = None
         if spec.flavor is not None:
             flavor = _pick(st.flavors, spec.flavor, "flavor", lambda f: (f.external_id, f.name))
@@ -696,23 +754,14 @@ class SimulatorDriver(Driver):
                 provider_message=NO_VALID_HOST,
             )
 
+        if spec.storage_hint is not None:
+            self._check_hint(spec.storage_hint, spec.disks)
         root_gb = max(flavor.disk_gb if flavor else 0, image.min_disk_gb)
         disks = [Disk(root_gb, st.pools[0].tier)] if root_gb else []
         disks += list(spec.disks)
-        want: dict[str, int] = {}
-        for d in disks:
-            if d.size_gb < 1:
-                raise InvalidSpec(f"simulator: invalid disk size {d.size_gb} GB")
-            want[d.tier] = want.get(d.tier, 0) + d.size_gb
-        for tier, gb in want.items():
-            pool = st.pool(tier)
-            free = pool.capacity_gb - st.used_gb(tier)
-            if gb > free:
-                raise ProviderQuotaExceeded(
-                    f"simulator: pool {pool.name} has {free} GB free, {gb} GB asked",
-                    provider_message=f"Insufficient disk space on datastore '{pool.name}'.",
-                )
+        st.reserve(disks)
         disks = [Disk(d.size_gb, d.tier, external_id=str(uuid.uuid4())) for d in disks]
+        root_disk = disks[0].external_id if root_gb else None
 
         ips = [st.allocate_ip(network.cidr or "10.0.0.0/16")]
         if spec.public_ip:
@@ -733,9 +782,22 @@ class SimulatorDriver(Driver):
             image=image.name,
             flavor=flavor.name if flavor else None,
             scope=spec.scope,
+            bandwidth_mbps=spec.bandwidth_mbps,
+            root_disk=root_disk,
         )
         st.servers[server.external_id] = server
         return server.to_server()
+
+    def _check_hint(self, hint: str, disks: Iterable[Disk]) -> None:
+        """One pool per tier: a hint can only confirm the pool the data disks go to anyway."""
+        pool = _pick(self._store.pools, hint, "storage pool", lambda p: (p.external_id, p.name))
+        other = sorted({d.tier for d in disks if d.tier != pool.tier})
+        if other:
+            raise InvalidSpec(
+                f"simulator: storage pool {pool.name} holds tier {pool.tier!r}, not "
+                f"{', '.join(repr(t) for t in other)}",
+                provider_message=f"Datastore '{pool.name}' does not match the storage policy.",
+            )
 
     def _change(self, op: str, external_id: str, fn: Callable[[_ServerState], None]) -> Server:
         def do() -> Server:
@@ -793,6 +855,52 @@ class SimulatorDriver(Driver):
                 del self._store.servers[external_id]
 
         self._remote("delete", do)
+
+    def attach_disk(self, external_id: str, disk: Disk) -> Server:
+        def attach(s: _ServerState) -> None:
+            self._store.reserve([disk])
+            s.disks.append(Disk(disk.size_gb, disk.tier, external_id=str(uuid.uuid4())))
+
+        return self._change("attach_disk", external_id, attach)
+
+    def detach_disk(self, external_id: str, disk_id: str) -> Server:
+        def detach(s: _ServerState) -> None:
+            index = next((i for i, d in enumerate(s.disks) if d.external_id == disk_id), None)
+            if index is None or not disk_id:
+                raise NotFound(
+                    f"simulator: server {s.name} has no disk {disk_id!r}",
+                    provider_message=f"Volume {disk_id} could not be found.",
+                )
+            if disk_id == s.root_disk:
+                raise InvalidSpec(
+                    f"simulator: disk {disk_id} is the root disk of {s.name}",
+                    provider_message=f"Can't detach root device volume {disk_id}.",
+                )
+            del s.disks[index]
+
+        return self._change("detach_disk", external_id, detach)
+
+    def add_public_ip(self, external_id: str, *, bandwidth_mbps: int | None = None) -> Server:
+        def add(s: _ServerState) -> None:
+            if bandwidth_mbps is not None and bandwidth_mbps < 1:
+                raise InvalidSpec(f"simulator: invalid bandwidth {bandwidth_mbps} Mbit/s")
+            s.ips.append(self._store.allocate_ip(PUBLIC_CIDR))
+            if bandwidth_mbps is not None:
+                s.bandwidth_mbps = bandwidth_mbps
+
+        return self._change("add_public_ip", external_id, add)
+
+    def release_public_ip(self, external_id: str, ip: str) -> Server:
+        def release(s: _ServerState) -> None:
+            if ip not in s.public_ips():
+                raise NotFound(
+                    f"simulator: server {s.name} has no public address {ip!r}",
+                    provider_message=f"Floating IP {ip} is not associated with instance "
+                    f"{s.external_id}.",
+                )
+            s.ips.remove(ip)
+
+        return self._change("release_public_ip", external_id, release)
 
     def ensure_tenant_scope(self, tenant_code: str) -> str | None:
         def do() -> str:

@@ -35,6 +35,14 @@ path under vmFolder to take images from; default: every template in the datacent
 and the rest ``default_tier``, "hdd"), ``root_tier`` (where clones' root disks go; default the
 template's datastore), ``flavors``, ``overcommit``, ``ip_allocation`` ("ip_pool" or "none"),
 ``owner_field``, ``request_field``, ``created_field``.
+
+Data disks are added after creation with ``attach_disk`` (a thin VirtualDisk created on the
+emptiest accessible datastore of the tier, on the VM's first SCSI controller, by
+``ReconfigVM_Task``) and removed with ``detach_disk`` (its file destroyed); the boot disk cannot
+be removed. There are no public addresses: vCenter's IP pools hand out the addresses of the VM's
+own network. Server names are at most 80 characters, as vSphere's inventory names, and may not
+contain '%', '/' or '\\', which vSphere escapes in names (the VM would not be called what was
+asked).
 """
 
 from __future__ import annotations
@@ -328,18 +336,22 @@ def _disks(devices: Sequence[Any] | None, datastores: Mapping[str, _DatastoreInf
             continue
         kb = d.capacityInKB or 0
         size_gb = math.ceil(kb / MIB) if kb > 0 else 0
-        backing = d.backing
-        ds = datastores.get(_moid(getattr(backing, "datastore", None)) or "")
-        ident = getattr(backing, "uuid", None) or getattr(backing, "fileName", None)
+        ds = datastores.get(_moid(getattr(d.backing, "datastore", None)) or "")
         found.append(
             (
                 d.controllerKey or 0,
                 d.unitNumber or 0,
-                Disk(size_gb, ds.tier if ds else "unknown", external_id=ident or str(d.key)),
+                Disk(size_gb, ds.tier if ds else "unknown", external_id=_disk_identity(d)),
             )
         )
     found.sort(key=lambda t: (t[0], t[1]))
     return [d for _, _, d in found]
+
+
+def _disk_identity(device: Any) -> str:
+    backing = device.backing
+    ident = getattr(backing, "uuid", None) or getattr(backing, "fileName", None)
+    return str(ident or device.key)
 
 
 def _ips(props: Mapping[str, Any]) -> tuple[str, ...]:
@@ -413,6 +425,9 @@ def _request_uuid(request_tag: str) -> str:
 
 class VMwareDriver(Driver):
     kind = "vmware"
+    name_max_length = 80
+    name_pattern = re.compile(r"^[^%/\\\x00-\x1f\x7f]+\Z")
+    name_rule = "1 to 80 characters, without '%', '/', '\\' or control characters"
     # Not resize_live: vCenter refuses CPU/memory changes on a running VM unless hot-add is
     # enabled, and never shrinks one live; `resize` asks for the VM to be powered off then.
     # Not floating_ip: vCenter has no public addresses of its own.
@@ -1101,6 +1116,9 @@ class VMwareDriver(Driver):
     # -- create ----------------------------------------------------------------------------------
 
     def create_server(self, spec: ServerSpec) -> Server:
+        why = self.invalid_name(spec.name)
+        if why is not None:
+            raise InvalidSpec(f"vmware: invalid server name {spec.name!r}: {why}")
         vcpu, memory_mb = self._size(spec)
         for disk in spec.disks:
             if disk.size_gb < 1:
@@ -1565,6 +1583,61 @@ class VMwareDriver(Driver):
             self._release_addresses(session, props)
 
         self._remote("delete", do)
+
+    def attach_disk(self, external_id: str, disk: Disk) -> Server:
+        if disk.size_gb < 1:
+            raise InvalidSpec(f"vmware: invalid disk size {disk.size_gb} GB")
+
+        def do(session: _Session, _: int) -> Server:
+            self._server(session, external_id)  # NotFound for unknown ids and templates
+            devices = self._devices(session, external_id)
+            topo = self._topology(session, refresh=True)
+            changes = self._data_disks(session, topo, devices, [disk])
+            ds = topo.datastores[_moid(changes[0].device.backing.datastore) or ""]
+            # thin disks would be accepted on a full datastore and fail the guest's writes later
+            if ds.free_gb < disk.size_gb:
+                raise ProviderQuotaExceeded(
+                    f"vmware: datastore {ds.name} has {ds.free_gb} GB free, "
+                    f"{disk.size_gb} GB asked",
+                    provider_message=f"Insufficient disk space on datastore '{ds.name}'.",
+                )
+            vm = vim.VirtualMachine(external_id, session.si._stub)
+            self._wait(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=changes)), "add disk")
+            return self._server(session, external_id)
+
+        return self._remote("attach_disk", do)
+
+    def detach_disk(self, external_id: str, disk_id: str) -> Server:
+        def do(session: _Session, attempt: int) -> Server:
+            server = self._server(session, external_id)
+            devices = self._devices(session, external_id)
+            device = next((d for d in devices if _disk_identity(d) == disk_id), None)
+            if device is None:
+                if attempt > 1:
+                    return server  # the first attempt removed it and its answer was lost
+                raise NotFound(
+                    f"vmware: {server.name} has no disk {disk_id!r}",
+                    provider_message=f"The device '{disk_id}' was not found on {external_id}.",
+                )
+            if server.disks and server.disks[0].external_id == disk_id:
+                raise InvalidSpec(
+                    f"vmware: {disk_id} is the boot disk of {server.name}",
+                    provider_message=f"The device '{disk_id}' is the boot disk.",
+                )
+            change = vim.vm.device.VirtualDeviceSpec(
+                operation="remove", fileOperation="destroy", device=device
+            )
+            vm = vim.VirtualMachine(external_id, session.si._stub)
+            self._wait(
+                vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[change])), "remove disk"
+            )
+            return self._server(session, external_id)
+
+        return self._remote("detach_disk", do)
+
+    def _devices(self, session: _Session, external_id: str) -> list[Any]:
+        props = self._one(session, vim.VirtualMachine, external_id, ("config.hardware.device",))
+        return list(props.get("config.hardware.device") or ())
 
     def set_owner(self, external_id: str, owner_tag: str | None) -> Server:
         def do(session: _Session, _: int) -> Server:

@@ -28,6 +28,7 @@ from drivers.base import (
     Server,
     ServerSpec,
     StoragePool,
+    Unsupported,
     open_driver,
 )
 
@@ -253,3 +254,78 @@ def test_ensure_tenant_scope_is_idempotent(driver: Driver) -> None:
     assert driver.ensure_tenant_scope(code) == first
     if first is not None:
         assert code in first
+
+
+def free_gb(driver: Driver, tier: str) -> int:
+    return sum(p.free_gb for p in driver.list_storage() if p.tier == tier)
+
+
+def test_attach_then_detach_a_data_disk(driver: Driver, spawn: Spawn) -> None:
+    if Capability.volumes not in driver.capabilities:
+        pytest.skip(f"{driver.kind} cannot attach disks")
+    tier = max(driver.list_storage(), key=lambda p: p.free_gb).tier
+    server = spawn(vcpu=1, memory_mb=512)
+    # stopped: every peer can change a stopped server's disks, while libvirt's test driver
+    # cannot hot-plug (running servers are covered by each driver's own tests)
+    driver.stop(server.external_id)
+    free_before = free_gb(driver, tier)
+    had = [d.external_id for d in server.disks]
+
+    attached = driver.attach_disk(server.external_id, Disk(size_gb=2, tier=tier))
+    new = attached.disks[-1]
+    assert [d.external_id for d in attached.disks[:-1]] == had
+    assert (new.size_gb, new.tier) == (2, tier) and new.external_id
+    fetched = driver.get_server(server.external_id)
+    assert new.external_id in {d.external_id for d in fetched.disks}
+    assert free_gb(driver, tier) == free_before - 2
+
+    detached = driver.detach_disk(server.external_id, new.external_id)
+    assert [d.external_id for d in detached.disks] == had
+    assert [d.external_id for d in driver.get_server(server.external_id).disks] == had
+    assert free_gb(driver, tier) == free_before
+    with pytest.raises(NotFound):
+        driver.detach_disk(server.external_id, new.external_id)
+
+
+def test_add_then_release_a_public_ip(driver: Driver, spawn: Spawn) -> None:
+    if Capability.floating_ip not in driver.capabilities:
+        pytest.skip(f"{driver.kind} has no public addresses")
+    server = spawn(vcpu=1, memory_mb=512)
+    assert not set(server.public_ips)
+
+    added = driver.add_public_ip(server.external_id)
+    (ip,) = set(added.public_ips) - set(server.public_ips)
+    assert ip in added.ips
+    fetched = driver.get_server(server.external_id)
+    assert ip in fetched.ips and ip in fetched.public_ips
+
+    released = driver.release_public_ip(server.external_id, ip)
+    assert ip not in released.ips and ip not in released.public_ips
+    fetched = driver.get_server(server.external_id)
+    assert ip not in fetched.ips and ip not in fetched.public_ips
+    with pytest.raises(NotFound):
+        driver.release_public_ip(server.external_id, ip)
+
+
+def test_missing_capabilities_are_refused_as_unsupported(driver: Driver, spawn: Spawn) -> None:
+    missing = {Capability.volumes, Capability.floating_ip} - driver.capabilities
+    if not missing:
+        pytest.skip(f"{driver.kind} attaches disks and adds public addresses")
+    server = spawn(vcpu=1, memory_mb=512)
+    if Capability.volumes in missing:
+        with pytest.raises(Unsupported):
+            driver.attach_disk(server.external_id, Disk(size_gb=1, tier="any"))
+    if Capability.floating_ip in missing:
+        with pytest.raises(Unsupported):
+            driver.add_public_ip(server.external_id)
+
+
+@pytest.mark.parametrize("name", ["", "web\x00db", "x" * 300])
+def test_invalid_name_explains_a_clearly_bad_name(driver: Driver, name: str) -> None:
+    why = driver.invalid_name(name)
+    assert why and isinstance(why, str)
+
+
+def test_invalid_name_accepts_a_plain_host_name(driver: Driver) -> None:
+    assert driver.invalid_name("web-01") is None
+    assert type(driver).invalid_name("app-server-02") is None

@@ -697,3 +697,96 @@ def test_each_driver_keeps_its_own_connection_per_host(
     # ...while the second has its own copy of the hosts (the test driver's private state)
     with pytest.raises(NotFound):
         second.get_server(server.external_id)
+
+
+# --- data disks and names ------------------------------------------------------------------------
+
+
+def disk_targets(xml: str) -> list[str]:
+    root = ET.fromstring(xml)  # noqa: S314 - our own XML
+    return [t.get("dev", "") for t in root.iterfind("devices/disk/target")]
+
+
+def test_attach_disk_to_a_stopped_domain_adds_a_volume_to_its_definition(
+    driver: LibvirtDriver,
+) -> None:
+    server = driver.create_server(spec(host_hint=HOST_A))
+    driver.stop(server.external_id)
+    free_before = {p.external_id: p.free_gb for p in driver.list_storage()}
+
+    attached = driver.attach_disk(server.external_id, Disk(3, "hdd"))
+    root, data = attached.disks
+    assert root == server.disks[0]
+    assert (data.size_gb, data.tier) == (3, "hdd") and data.external_id
+    assert disk_targets(driver.ex_domain_xml(server.external_id, inactive=True)) == ["vda", "vdb"]
+    assert free_before[f"{HOST_A}/hdd-pool"] - 3 == next(
+        p.free_gb for p in driver.list_storage() if p.external_id == f"{HOST_A}/hdd-pool"
+    )
+    # the definition kept everything else: metadata, network, size
+    assert metadata_fields(driver.ex_domain_xml(server.external_id))["owner"] == "agency-a/system-1"
+    assert driver.start(server.external_id).disks == attached.disks
+
+    driver.stop(server.external_id)
+    detached = driver.detach_disk(server.external_id, data.external_id)
+    assert detached.disks == (root,)
+    assert {p.external_id: p.free_gb for p in driver.list_storage()} == free_before
+
+
+def test_attach_disk_to_a_running_domain_without_hot_plug_is_unsupported_and_leaves_nothing(
+    driver: LibvirtDriver,
+) -> None:
+    server = driver.create_server(spec(host_hint=HOST_A))
+    free_before = {p.external_id: p.free_gb for p in driver.list_storage()}
+
+    with pytest.raises(Unsupported) as caught:
+        driver.attach_disk(server.external_id, Disk(2, "hdd"))
+    assert "stop the server" in caught.value.message
+    assert "not supported" in caught.value.provider_message
+    assert {p.external_id: p.free_gb for p in driver.list_storage()} == free_before
+    assert driver.get_server(server.external_id).disks == server.disks
+
+
+def test_detach_disk_refuses_the_root_disk_and_unknown_disks(driver: LibvirtDriver) -> None:
+    server = driver.create_server(spec(disks=(Disk(2, "hdd"),)))
+    driver.stop(server.external_id)
+
+    with pytest.raises(InvalidSpec):
+        driver.detach_disk(server.external_id, server.disks[0].external_id or "")
+    with pytest.raises(NotFound):
+        driver.detach_disk(server.external_id, "/var/lib/libvirt/hdd/nothing.qcow2")
+    assert driver.get_server(server.external_id).disks == server.disks
+
+
+def test_attach_disk_is_refused_when_no_pool_of_the_tier_has_room(driver: LibvirtDriver) -> None:
+    server = driver.create_server(spec(host_hint=HOST_A))
+    driver.stop(server.external_id)
+
+    with pytest.raises(ProviderQuotaExceeded):
+        driver.attach_disk(server.external_id, Disk(31, "hdd"))  # host a's hdd pool has 30 GiB
+    with pytest.raises(NotFound):
+        driver.attach_disk(server.external_id, Disk(1, "nvme"))
+    with pytest.raises(InvalidSpec):
+        driver.attach_disk(server.external_id, Disk(0, "hdd"))
+    assert driver.get_server(server.external_id).disks == server.disks
+
+
+def test_libvirt_has_no_public_addresses(driver: LibvirtDriver) -> None:
+    assert Capability.floating_ip not in driver.capabilities
+    with pytest.raises(Unsupported):
+        driver.add_public_ip(OA_01)
+
+
+@pytest.mark.parametrize("name", ["web/01", "web\n01", "web\t01", ""])
+def test_names_libvirt_refuses_are_refused_before_anything_is_built(
+    driver: LibvirtDriver, name: str
+) -> None:
+    before = len(driver.list_servers())
+    assert LibvirtDriver.invalid_name(name)
+    with pytest.raises(InvalidSpec):
+        driver.create_server(spec(name=name))
+    assert len(driver.list_servers()) == before
+
+
+def test_names_with_spaces_and_chinese_are_accepted(driver: LibvirtDriver) -> None:
+    assert LibvirtDriver.invalid_name("政务 门户 01") is None
+    assert driver.create_server(spec(name="政务 门户 01")).name == "政务 门户 01"

@@ -646,3 +646,163 @@ def test_with_block_storage_data_disks_of_other_tiers_are_volumes(
     (listed,) = driver.list_servers()
     assert [(d.size_gb, d.tier) for d in listed.disks] == [(10, "local"), (20, "ssd")]
     assert len(cloud.calls("GET", "/volumes/detail")) == 1  # one listing for all servers
+
+
+# --- public addresses, data disks and names after create (HTTP level) -----------------------------
+
+
+def test_a_floating_ip_is_added_to_the_first_port_and_released(
+    cloud_with_network: FakeCloud,
+) -> None:
+    cloud = cloud_with_network
+    _neutron_with_l3(cloud)
+    m = cloud.mock
+    fips: list[dict[str, Any]] = []
+    fixed = {"addr": "10.0.0.10", "version": 4, "OS-EXT-IPS:type": "fixed"}
+
+    def server(request: Any, context: Any) -> dict[str, Any]:
+        floating = [
+            {"addr": f["floating_ip_address"], "version": 4, "OS-EXT-IPS:type": "floating"}
+            for f in fips
+        ]
+        return {"server": _server(addresses={"private": [fixed, *floating]})}
+
+    def listing(request: Any, context: Any) -> dict[str, Any]:
+        wanted = request.qs.get("floating_ip_address") or request.qs.get("port_id")
+        if request.qs.get("floating_ip_address"):
+            found = [f for f in fips if [f["floating_ip_address"]] == wanted]
+        else:
+            found = [f for f in fips if [f["port_id"]] == wanted]
+        return {"floatingips": found}
+
+    def allocate(request: Any, context: Any) -> dict[str, Any]:
+        fip = {"id": "fip-1", "floating_ip_address": "203.0.113.7", "port_id": "port-1"}
+        fips.append(fip)
+        context.status_code = 201
+        return {"floatingip": fip}
+
+    def release(request: Any, context: Any) -> str:
+        fips.clear()
+        context.status_code = 204
+        return ""
+
+    flavor = {"id": FLAVOR_ID, "name": "m1.tiny", "vcpus": 1, "ram": 512, "disk": 10}
+    m.get(f"{COMPUTE}/flavors/{FLAVOR_ID}", json={"flavor": flavor}, headers=JSON)
+    m.get(f"{COMPUTE}/servers/{SERVER_ID}", json=server, headers=JSON)
+    port = {"id": "port-1", "device_id": SERVER_ID, "network_id": NET_ID}
+    m.get(f"{NETWORK}/v2.0/ports", json={"ports": [port]}, headers=JSON)
+    m.get(f"{NETWORK}/v2.0/floatingips", json=listing, headers=JSON)
+    m.post(f"{NETWORK}/v2.0/floatingips", json=allocate, headers=JSON)
+    m.delete(f"{NETWORK}/v2.0/floatingips/fip-1", text=release)
+    driver = cloud.driver()
+    driver.check()
+
+    added = driver.add_public_ip(SERVER_ID)
+    assert added.ips == ("10.0.0.10", "203.0.113.7")
+    assert added.public_ips == ("203.0.113.7",)
+    (request,) = cloud.calls("POST", "/floatingips")
+    assert request.json()["floatingip"] == {
+        "floating_network_id": "ext-net",
+        "port_id": "port-1",
+        "project_id": "p1",
+    }
+    with pytest.raises(Conflict):  # one floating IP per fixed address
+        driver.add_public_ip(SERVER_ID)
+
+    released = driver.release_public_ip(SERVER_ID, "203.0.113.7")
+    assert released.ips == ("10.0.0.10",) and released.public_ips == ()
+    with pytest.raises(NotFound):
+        driver.release_public_ip(SERVER_ID, "203.0.113.7")
+
+
+def test_without_floating_ips_or_block_storage_the_new_operations_are_unsupported(
+    cloud: FakeCloud,
+) -> None:
+    driver = cloud.driver()
+    driver.check()
+    assert {Capability.floating_ip, Capability.volumes}.isdisjoint(driver.capabilities)
+    with pytest.raises(Unsupported):
+        driver.add_public_ip(SERVER_ID)
+    with pytest.raises(Unsupported):
+        driver.release_public_ip(SERVER_ID, "203.0.113.7")
+    with pytest.raises(Unsupported):
+        driver.attach_disk(SERVER_ID, Disk(5, "ssd"))
+
+
+def test_with_block_storage_a_volume_is_attached_and_detached_and_deleted(
+    mock_http: requests_mock.Mocker,
+) -> None:
+    cloud = FakeCloud(mock_http, volumes=True)
+    m = cloud.mock
+    volumes: dict[str, dict[str, Any]] = {}
+
+    def server(request: Any, context: Any) -> dict[str, Any]:
+        attached = [{"id": v["id"]} for v in volumes.values() if v["status"] == "in-use"]
+        return {"server": _server(**{"os-extended-volumes:volumes_attached": attached})}
+
+    def create(request: Any, context: Any) -> dict[str, Any]:
+        body = request.json()["volume"]
+        volume = {"id": "vol-1", "status": "available", "attachments": [], **body}
+        volumes["vol-1"] = volume
+        context.status_code = 202
+        return {"volume": volume}
+
+    def attach(request: Any, context: Any) -> dict[str, Any]:
+        volumes["vol-1"]["status"] = "in-use"
+        volumes["vol-1"]["attachments"] = [{"server_id": SERVER_ID}]
+        return {"volumeAttachment": {"id": "vol-1", "volumeId": "vol-1", "serverId": SERVER_ID}}
+
+    def detach(request: Any, context: Any) -> str:
+        volumes["vol-1"].update(status="available", attachments=[])
+        context.status_code = 202
+        return ""
+
+    def delete(request: Any, context: Any) -> str:
+        volumes.pop("vol-1")
+        context.status_code = 202
+        return ""
+
+    flavor = {"id": FLAVOR_ID, "name": "m1.tiny", "vcpus": 1, "ram": 512, "disk": 10}
+    m.get(f"{COMPUTE}/flavors/{FLAVOR_ID}", json={"flavor": flavor}, headers=JSON)
+    m.get(f"{COMPUTE}/servers/{SERVER_ID}", json=server, headers=JSON)
+    m.get(f"{VOLUME}/volumes/detail", json={"volumes": []}, headers=JSON)
+    m.post(f"{VOLUME}/volumes", json=create, headers=JSON)
+    m.get(f"{VOLUME}/volumes/vol-1", json=lambda r, c: {"volume": volumes["vol-1"]}, headers=JSON)
+    m.delete(f"{VOLUME}/volumes/vol-1", text=delete)
+    m.post(f"{COMPUTE}/servers/{SERVER_ID}/os-volume_attachments", json=attach, headers=JSON)
+    m.delete(f"{COMPUTE}/servers/{SERVER_ID}/os-volume_attachments/vol-1", text=detach)
+    driver = cloud.driver(poll_interval_s=0)
+    driver.check()
+
+    attached = driver.attach_disk(SERVER_ID, Disk(20, "ssd"))
+    body = cloud.calls("POST", "/volumes")[0].json()["volume"]
+    assert (body["size"], body["volume_type"]) == (20, "ssd")
+    assert body["name"].startswith("web-1-data-")
+    expected = [(10, "local", f"{SERVER_ID}:root"), (20, "ssd", "vol-1")]
+    assert [(d.size_gb, d.tier, d.external_id) for d in attached.disks] == expected
+
+    with pytest.raises(InvalidSpec):
+        driver.detach_disk(SERVER_ID, f"{SERVER_ID}:root")
+    with pytest.raises(NotFound):
+        driver.detach_disk(SERVER_ID, "vol-404")
+    with pytest.raises(Unsupported):  # the local tier comes only with the flavor
+        driver.attach_disk(SERVER_ID, Disk(5, "local"))
+
+    detached = driver.detach_disk(SERVER_ID, "vol-1")
+    assert [d.external_id for d in detached.disks] == [f"{SERVER_ID}:root"]
+    assert volumes == {}
+
+
+@pytest.mark.parametrize("name", [" web", "web ", "web\n01", "x" * 256, ""])
+def test_names_nova_refuses_are_refused_before_any_call(cloud: FakeCloud, name: str) -> None:
+    driver = cloud.driver()
+    assert driver.invalid_name(name)
+    calls = len(cloud.mock.request_history)
+    with pytest.raises(InvalidSpec):
+        driver.create_server(ServerSpec(name, "img-1", None, "agency-a", "req-1", vcpu=1,
+                                        memory_mb=512))  # fmt: skip
+    assert len(cloud.mock.request_history) == calls
+
+
+def test_nova_takes_inner_spaces_slashes_and_chinese(cloud: FakeCloud) -> None:
+    assert cloud.driver().invalid_name("政务云 web/01") is None

@@ -15,6 +15,7 @@ from drivers.base import (
     Conflict,
     Disk,
     DriverError,
+    InvalidSpec,
     NotFound,
     PowerState,
     ProviderQuotaExceeded,
@@ -475,7 +476,7 @@ def test_file_state_survives_a_restart_and_inventory_ids_are_stable(tmp_path: Pa
     image = first.list_images()[0]
     created = first.create_server(
         ServerSpec(
-            name="持久化",
+            name="persisted-01",
             image=image.external_id,
             network=first.list_networks()[0].external_id,
             owner_tag="fgw",
@@ -491,7 +492,7 @@ def test_file_state_survives_a_restart_and_inventory_ids_are_stable(tmp_path: Pa
     again = SimulatorDriver("sim://demo", {}, {"state": state})
     back = again.get_server(created.external_id)
     assert (back.name, back.vcpu, back.owner_tag, back.power_state) == (
-        "持久化",
+        "persisted-01",
         2,
         "fgw",
         PowerState.stopped,
@@ -503,3 +504,231 @@ def test_file_state_survives_a_restart_and_inventory_ids_are_stable(tmp_path: Pa
     SimulatorDriver.ex_reset_shared(state)
     assert SimulatorDriver("sim://demo", {}, {"state": state}).list_servers() == []
     SimulatorDriver.ex_reset_shared(state)
+
+
+# --- disks, public addresses, names --------------------------------------------------------------
+
+NEW_OPERATIONS = ("attach_disk", "detach_disk", "add_public_ip", "release_public_ip")
+
+
+def _run(d: SimulatorDriver, op: str, server_id: str, disk_id: str, ip: str) -> Any:
+    if op == "attach_disk":
+        return d.attach_disk(server_id, Disk(5, "hdd"))
+    if op == "detach_disk":
+        return d.detach_disk(server_id, disk_id)
+    if op == "add_public_ip":
+        return d.add_public_ip(server_id)
+    return d.release_public_ip(server_id, ip)
+
+
+@pytest.mark.parametrize("op", NEW_OPERATIONS)
+def test_disk_and_address_operations_fail_on_injected_faults_and_change_nothing(op: str) -> None:
+    d = make(retries=3)
+    server = d.create_server(spec(disks=(Disk(3, "hdd"),), public_ip=True))
+    disk_id, ip = server.disks[1].external_id or "", server.public_ips[0]
+    d.ex_inject(fail_operations={op: "conflict"})
+    calls_before = len(d.ex_calls)
+
+    with pytest.raises(Conflict) as caught:
+        _run(d, op, server.external_id, disk_id, ip)
+    assert caught.value.provider_message.startswith("409")
+    assert d.ex_calls[calls_before:] == [op]  # not retried
+    assert d.get_server(server.external_id) == server
+
+
+@pytest.mark.parametrize("op", NEW_OPERATIONS)
+def test_disk_and_address_operations_are_retried_on_transient_faults(op: str) -> None:
+    d = make(retries=3)
+    server = d.create_server(spec(disks=(Disk(3, "hdd"),), public_ip=True))
+    disk_id, ip = server.disks[1].external_id or "", server.public_ips[0]
+    d.ex_inject(fail_operations={op: {"error": "unavailable", "times": 1}})
+    calls_before = len(d.ex_calls)
+
+    changed = _run(d, op, server.external_id, disk_id, ip)
+    assert d.ex_calls[calls_before:] == [op, op]
+    assert changed != server and d.get_server(server.external_id) == changed
+
+
+def test_attach_disk_takes_room_from_the_pool_and_detach_gives_it_back() -> None:
+    d = make(storage={"ssd": 100, "hdd": 50})
+    server = d.create_server(spec())  # 10 GB root on ssd
+
+    attached = d.attach_disk(server.external_id, Disk(20, "hdd"))
+    root, data = attached.disks
+    assert root == server.disks[0]
+    assert (data.size_gb, data.tier) == (20, "hdd")
+    assert data.external_id and uuid.UUID(data.external_id).version == 4
+    assert {p.tier: p.free_gb for p in d.list_storage()} == {"ssd": 90, "hdd": 30}
+    assert d.get_server(server.external_id).disks == attached.disks
+
+    detached = d.detach_disk(server.external_id, data.external_id)
+    assert detached.disks == (root,)
+    assert {p.tier: p.free_gb for p in d.list_storage()} == {"ssd": 90, "hdd": 50}
+
+
+def test_attach_disk_is_refused_when_the_pool_is_full() -> None:
+    d = make(storage={"ssd": 100, "hdd": 50})
+    server = d.create_server(spec(disks=(Disk(30, "hdd"),)))
+
+    with pytest.raises(ProviderQuotaExceeded) as caught:
+        d.attach_disk(server.external_id, Disk(21, "hdd"))
+    assert "Insufficient disk space" in caught.value.provider_message
+    assert len(d.get_server(server.external_id).disks) == 2
+    assert d.attach_disk(server.external_id, Disk(20, "hdd")).disks[-1].size_gb == 20
+
+
+def test_attach_disk_refuses_empty_disks_and_unknown_tiers() -> None:
+    d = make()
+    server = d.create_server(spec())
+
+    with pytest.raises(InvalidSpec):
+        d.attach_disk(server.external_id, Disk(0, "ssd"))
+    with pytest.raises(NotFound):
+        d.attach_disk(server.external_id, Disk(1, "nvme"))
+    with pytest.raises(NotFound):
+        d.attach_disk(str(uuid.uuid4()), Disk(1, "ssd"))
+    assert d.get_server(server.external_id).disks == server.disks
+
+
+def test_detaching_the_root_disk_is_refused() -> None:
+    d = make()
+    server = d.create_server(spec(disks=(Disk(5, "hdd"),)))
+
+    with pytest.raises(InvalidSpec) as caught:
+        d.detach_disk(server.external_id, server.disks[0].external_id or "")
+    assert "root" in caught.value.provider_message
+    assert d.get_server(server.external_id).disks == server.disks
+
+
+def test_detaching_an_unknown_disk_is_not_found() -> None:
+    d = make()
+    server = d.create_server(spec())
+    with pytest.raises(NotFound) as caught:
+        d.detach_disk(server.external_id, str(uuid.uuid4()))
+    assert caught.value.provider_message
+
+
+def test_every_disk_of_a_server_without_root_disk_can_be_detached() -> None:
+    d = make(images=[{"name": "pxe", "min_disk_gb": 0}])
+    server = d.create_server(spec(image="pxe", disks=(Disk(5, "hdd"),)))
+
+    (data,) = server.disks
+    assert d.detach_disk(server.external_id, data.external_id or "").disks == ()
+
+
+def test_public_addresses_are_added_and_released() -> None:
+    d = make(networks=[{"name": "gov", "cidr": "10.1.0.0/16"}])
+    server = d.create_server(spec())
+    assert server.public_ips == ()
+
+    first = d.add_public_ip(server.external_id)
+    second = d.add_public_ip(server.external_id)
+    assert second.ips == ("10.1.0.10", "203.0.113.10", "203.0.113.11")
+    assert second.public_ips == ("203.0.113.10", "203.0.113.11")
+    assert first.public_ips == ("203.0.113.10",)
+
+    released = d.release_public_ip(server.external_id, "203.0.113.10")
+    assert released.ips == ("10.1.0.10", "203.0.113.11")
+    assert released.public_ips == ("203.0.113.11",)
+    other = d.create_server(spec(public_ip=True))
+    assert other.public_ips == ("203.0.113.10",)  # the released address went back to the pool
+
+
+def test_releasing_an_address_the_server_lacks_is_not_found() -> None:
+    d = make()
+    server = d.create_server(spec())
+    private = server.ips[0]
+
+    with pytest.raises(NotFound):
+        d.release_public_ip(server.external_id, "203.0.113.99")
+    with pytest.raises(NotFound):
+        d.release_public_ip(server.external_id, private)  # private addresses are not released
+    assert d.get_server(server.external_id).ips == server.ips
+
+
+def test_public_address_pool_exhaustion_is_a_provider_quota() -> None:
+    d = make()
+    server = d.create_server(spec())
+    # a /24 minus the network, broadcast and the first nine host addresses
+    for _ in range(254 - 9):
+        d.add_public_ip(server.external_id)
+    with pytest.raises(ProviderQuotaExceeded):
+        d.add_public_ip(server.external_id)
+
+
+def test_bandwidth_is_kept_from_the_spec_and_from_add_public_ip() -> None:
+    d = make()
+    limited = d.create_server(spec(public_ip=True, bandwidth_mbps=50))
+    assert limited.extra["bandwidth_mbps"] == 50
+    assert d.get_server(limited.external_id).extra["bandwidth_mbps"] == 50
+
+    plain = d.create_server(spec())
+    assert "bandwidth_mbps" not in plain.extra
+    assert d.add_public_ip(plain.external_id).extra.get("bandwidth_mbps") is None
+    assert d.add_public_ip(plain.external_id, bandwidth_mbps=20).extra["bandwidth_mbps"] == 20
+    # an address added without a bandwidth leaves the one asked before
+    assert d.add_public_ip(limited.external_id).extra["bandwidth_mbps"] == 50
+
+
+def test_invalid_bandwidth_is_refused() -> None:
+    d = make()
+    with pytest.raises(InvalidSpec):
+        d.create_server(spec(bandwidth_mbps=0))
+    server = d.create_server(spec())
+    with pytest.raises(InvalidSpec):
+        d.add_public_ip(server.external_id, bandwidth_mbps=-1)
+    assert d.get_server(server.external_id).ips == server.ips
+
+
+def test_storage_hint_must_name_the_pool_of_the_data_disks_tier() -> None:
+    d = make()
+    pools = {p.tier: p for p in d.list_storage()}
+
+    hinted = d.create_server(spec(disks=(Disk(5, "hdd"),), storage_hint=pools["hdd"].external_id))
+    assert [x.tier for x in hinted.disks] == ["ssd", "hdd"]
+    with pytest.raises(InvalidSpec):
+        d.create_server(spec(disks=(Disk(5, "hdd"),), storage_hint=pools["ssd"].external_id))
+    with pytest.raises(NotFound):
+        d.create_server(spec(disks=(Disk(5, "hdd"),), storage_hint=str(uuid.uuid4())))
+    assert [s.external_id for s in d.list_servers()] == [hinted.external_id]
+
+
+def test_file_state_keeps_disks_public_addresses_and_bandwidth(tmp_path: Path) -> None:
+    state = f"file:{tmp_path / 'cloud.json'}"
+    first = make(state=state)
+    server = first.create_server(spec(bandwidth_mbps=10, disks=(Disk(4, "hdd"),)))
+    first.attach_disk(server.external_id, Disk(6, "hdd"))
+    first.detach_disk(server.external_id, server.disks[1].external_id or "")
+    first.add_public_ip(server.external_id, bandwidth_mbps=30)
+    kept = first.add_public_ip(server.external_id)
+    first.release_public_ip(server.external_id, kept.public_ips[0])
+    before = first.get_server(server.external_id)
+    SimulatorDriver.ex_reset_shared(state)  # as if the process had ended
+
+    again = make(state=state)
+    after = again.get_server(server.external_id)
+    assert after == before
+    assert [x.size_gb for x in after.disks] == [10, 6]
+    assert len(after.public_ips) == 1 and after.extra["bandwidth_mbps"] == 30
+    with pytest.raises(InvalidSpec):  # which disk is the root is kept too
+        again.detach_disk(server.external_id, after.disks[0].external_id or "")
+    SimulatorDriver.ex_reset_shared(state)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "-web", ".web", "web 01", "web/01", "web\n", "政务云-01", "a" * 64, "web@01"],
+)
+def test_create_server_refuses_names_the_simulator_does_not_accept(name: str) -> None:
+    d = make()
+    assert SimulatorDriver.invalid_name(name)
+    with pytest.raises(InvalidSpec) as caught:
+        d.create_server(spec(name=name))
+    assert "1 to 63 characters" in caught.value.message
+    assert d.list_servers() == []
+
+
+@pytest.mark.parametrize("name", ["w", "web-01", "db_02.prod", "9lives", "a" * 63])
+def test_host_name_like_names_are_accepted(name: str) -> None:
+    assert SimulatorDriver.invalid_name(name) is None
+    assert make().create_server(spec(name=name)).name == name

@@ -25,10 +25,12 @@ from drivers.base import (
     InvalidSpec,
     NotFound,
     PowerState,
+    ProviderQuotaExceeded,
     Server,
     ServerSpec,
     Unauthorized,
     Unavailable,
+    Unsupported,
     open_driver,
 )
 from drivers.vmware import VM_PROPERTIES, VMwareDriver
@@ -630,3 +632,82 @@ def test_a_raw_pass_sees_the_same_vms_as_a_full_sync(
     templates = len(driver.list_images())
     raw = vcsim_oob.retrieve_vms(VM_PROPERTIES, page_size=3)
     assert raw == len(driver.list_servers()) + templates
+
+
+# --- data disks, names, addresses ----------------------------------------------------------------
+
+
+def disk_files(oob: OutOfBand, vm_id: str) -> list[str]:
+    return [
+        d.backing.fileName
+        for d in oob._vm(vm_id).config.hardware.device
+        if isinstance(d, vim.vm.device.VirtualDisk)
+    ]
+
+
+def test_a_disk_is_attached_to_a_running_vm_on_its_tier_and_destroyed_on_detach(
+    driver: VMwareDriver, running: Server, vcsim_oob: OutOfBand
+) -> None:
+    attached = driver.attach_disk(running.external_id, Disk(4, "hdd"))
+
+    assert attached.power_state == PowerState.running
+    assert attached.disks[: len(running.disks)] == running.disks
+    new = attached.disks[-1]
+    assert (new.size_gb, new.tier) == (4, "hdd") and new.external_id
+    files = disk_files(vcsim_oob, running.external_id)
+    assert len(files) == len(running.disks) + 1
+    assert sum(f.startswith("[LocalDS_1]") for f in files) == 1  # hdd is LocalDS_1
+
+    detached = driver.detach_disk(running.external_id, new.external_id)
+    assert detached.disks == running.disks
+    assert len(disk_files(vcsim_oob, running.external_id)) == len(running.disks)
+
+
+def test_the_boot_disk_and_unknown_disks_cannot_be_detached(
+    driver: VMwareDriver, running: Server
+) -> None:
+    with pytest.raises(InvalidSpec):
+        driver.detach_disk(running.external_id, running.disks[0].external_id or "")
+    with pytest.raises(NotFound) as caught:
+        driver.detach_disk(running.external_id, "[LocalDS_1] nothing/nothing.vmdk")
+    assert caught.value.provider_message
+    assert driver.get_server(running.external_id).disks == running.disks
+
+
+def test_attach_refuses_empty_disks_unknown_tiers_and_full_datastores(
+    driver: VMwareDriver, running: Server
+) -> None:
+    hdd_free = next(p.free_gb for p in driver.list_storage() if p.tier == "hdd")
+    with pytest.raises(InvalidSpec):
+        driver.attach_disk(running.external_id, Disk(0, "hdd"))
+    with pytest.raises(NotFound):
+        driver.attach_disk(running.external_id, Disk(1, "nvme"))
+    with pytest.raises(ProviderQuotaExceeded):
+        driver.attach_disk(running.external_id, Disk(hdd_free + 1, "hdd"))
+    with pytest.raises(NotFound):
+        driver.attach_disk("vm-999999", Disk(1, "hdd"))
+    assert driver.get_server(running.external_id).disks == running.disks
+
+
+@pytest.mark.parametrize("name", ["50%-off", "web/01", "web\\01", "x" * 81, "web\n"])
+def test_names_vsphere_would_escape_or_cut_are_refused(
+    driver: VMwareDriver, vcsim: VcsimPeer, name: str
+) -> None:
+    assert VMwareDriver.invalid_name(name)
+    with pytest.raises(InvalidSpec):
+        driver.create_server(spec(vcsim, name=name))
+
+
+def test_eighty_characters_and_chinese_names_are_accepted(
+    driver: VMwareDriver, vcsim: VcsimPeer, created: list[str]
+) -> None:
+    assert VMwareDriver.invalid_name("x" * 80) is None
+    server = driver.create_server(spec(vcsim, name="政务云 门户-01"))
+    created.append(server.external_id)
+    assert server.name == "政务云 门户-01"
+
+
+def test_vcenter_has_no_public_addresses(driver: VMwareDriver, running: Server) -> None:
+    assert Capability.floating_ip not in driver.capabilities
+    with pytest.raises(Unsupported):
+        driver.add_public_ip(running.external_id)
