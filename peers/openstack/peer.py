@@ -388,6 +388,9 @@ def write_configs(layout: Layout, dbs: dict[str, str], vhost: str) -> None:
             "database": small_pool(db_url(dbs["keystone"])),
             "token": {"provider": "fernet"},
             "fernet_tokens": {"key_repository": data / "fernet-keys"},
+            # receipts (multi-factor auth) default to /etc/keystone/fernet-keys, which bootstrap
+            # checks for: point them at the peer's own keys so nothing outside it is needed
+            "fernet_receipts": {"key_repository": data / "fernet-keys"},
             "credential": {"key_repository": data / "credential-keys"},
             # one process (threads) with an in-memory cache: token validation, which every
             # API call of every service needs, stays fast and never sees a stale entry
