@@ -30,6 +30,8 @@ from sqlalchemy import bindparam, insert, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
+from billing import events
+from billing.models import LifecycleKind
 from broker.audit import service as audit
 from broker.core import clock
 from broker.core.authz import Principal
@@ -52,6 +54,7 @@ from broker.inventory.models import (
     SyncRun,
     SyncStatus,
 )
+from broker.tenancy.authz import ancestor_ids
 from broker.tenancy.models import Tenant, TenantKind, TenantStatus
 from drivers import base as drv
 from quotas import ledger
@@ -563,6 +566,7 @@ def book(
     server.tenant_id = tenant.id
     server.booked = size
     server.adopted_at = clock.now()
+    _emit(session, server, tenant, LifecycleKind.adopted, actor.username)
     server.adopt_error = None
     server.drift = None
     server.drift_at = None
@@ -585,6 +589,26 @@ def book(
         },
     )
     return size
+
+
+def _emit(
+    session: Session, server: Server, tenant: Tenant, kind: LifecycleKind, actor: str
+) -> None:
+    """A state change sync saw (adopted, gone outside govbroker) is metered like any other."""
+    path = ancestor_ids(tenant.path)
+    provider = session.get(Provider, server.provider_id)
+    events.emit(
+        session,
+        kind,
+        server_id=server.id,
+        tenant_id=tenant.id,
+        agency_id=path[1] if len(path) > 1 else tenant.id,
+        provider_id=server.provider_id,
+        service_company_id=provider.service_company_id if provider else None,
+        power_state=server.power_state,
+        sizes=server.booked,
+        actor=actor,
+    )
 
 
 def _release_gone(db: SessionSource, provider_id: uuid.UUID, counts: Counter[str]) -> None:
@@ -620,6 +644,9 @@ def _release_one(db: SessionSource, server_id: uuid.UUID) -> None:
         server.drift = None
         server.drift_at = None
         session.add(server)
+        owner = session.get(Tenant, server.tenant_id) if server.tenant_id else None
+        if owner is not None:
+            _emit(session, server, owner, LifecycleKind.gone, "inventory-sync")
         audit.record(
             session,
             Principal.system("inventory-sync"),

@@ -11,6 +11,8 @@ from sqlmodel import Session
 
 from broker.core.db import SessionSource
 from broker.inventory import sync
+from broker.provisioning import executor
+from broker.provisioning import service as provisioning
 from quotas import ledger
 from quotas import service as quotas
 
@@ -39,6 +41,11 @@ def sync_due_providers(db: SessionSource) -> int:
     return len(sync.sync_all(db, trigger="schedule", only_due=True))
 
 
+def reconcile_jobs(db: SessionSource) -> int:
+    """Resolve provisioning jobs a crash or a lost provider left behind."""
+    return sum(executor.reconcile(db).values())
+
+
 JOBS: dict[str, Job] = {
     job.name: job
     for job in (
@@ -59,6 +66,18 @@ JOBS: dict[str, Job] = {
             sync_due_providers,
             60,
             "sync every enabled provider whose sync interval has passed",
+        ),
+        Job(
+            "provisioning-reconciler",
+            reconcile_jobs,
+            60,
+            "finish or roll back provisioning jobs stuck after a crash, by asking the provider",
+        ),
+        Job(
+            "idempotency-purge",
+            in_one_unit_of_work(provisioning.purge_idempotency_keys),
+            3600,
+            "forget Idempotency-Keys past their retention",
         ),
     )
 }
