@@ -282,6 +282,11 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def delete(self, external_id: str) -> None: ...
 
+    def root_tier(self) -> str | None:
+        """The storage tier a new server's root disk is made in, so that the broker reserves
+        and places it there; by default the first tier the provider lists."""
+        return next((p.tier for p in self.list_storage()), None)
+
     def attach_disk(self, external_id: str, disk: Disk) -> Server:
         """Create a data disk of `disk.size_gb` on `disk.tier` and attach it; the returned
         server lists it (with its external id) after the disks it had."""

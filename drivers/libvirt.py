@@ -1014,6 +1014,15 @@ class LibvirtDriver(Driver):
 
         self._remote("check", do)
 
+    def root_tier(self) -> str | None:
+        def do() -> str | None:
+            roots = {self._root_tier_of(self._state_of(h)) for h in self._hosts}
+            known = sorted(r for r in roots if r is not None)
+            # hosts that disagree are unusual; the same answer every time matters more
+            return known[0] if known else None
+
+        return self._remote("root_tier", do)
+
     def list_hosts(self) -> list[Host]:
         def do() -> list[Host]:
             hosts = []

@@ -937,6 +937,11 @@ class VMwareDriver(Driver):
 
         return self._remote("list_hosts", do)
 
+    def root_tier(self) -> str | None:
+        # clones go where the template is unless root_tier says otherwise; the template's
+        # datastore is not known before a clone, so the first tier listed stands in for it
+        return str(self._root_tier) if self._root_tier else super().root_tier()
+
     def list_storage(self) -> list[StoragePool]:
         def do(session: _Session, _: int) -> list[StoragePool]:
             topo = self._topology(session, refresh=True)

@@ -90,7 +90,12 @@ def import_items(
                     CatalogKind.image,
                     i.name,
                     i.external_id,
-                    {"os": i.os, "min_disk_gb": i.min_disk_gb},
+                    {
+                        "os": i.os,
+                        "min_disk_gb": i.min_disk_gb,
+                        # an image some hosts lack (libvirt keeps images per host)
+                        "hosts": sorted(i.extra.get("hosts") or []) or None,
+                    },
                 )
             )
         for n in driver.list_networks():
@@ -99,6 +104,7 @@ def import_items(
         for pool in driver.list_storage():
             if pool.tier not in tiers:
                 tiers.append(pool.tier)
+        root_tier = driver.root_tier()
     except DriverError as exc:
         message = providers.scrub(exc.provider_message, providers.credentials_of(provider))
         raise Unavailable(
@@ -106,14 +112,14 @@ def import_items(
         ) from exc
     finally:
         driver.close()
-    for position, tier in enumerate(tiers):
-        # the first tier a provider lists is where it puts root disks, unless curated otherwise
+    for tier in tiers:
+        # where the driver puts root disks, unless the center curates it otherwise
         found.append(
             (
                 CatalogKind.tier,
                 tier,
                 tier,
-                {"min_gb": 1, "max_gb": DEFAULT_TIER_MAX_GB, "root": position == 0},
+                {"min_gb": 1, "max_gb": DEFAULT_TIER_MAX_GB, "root": tier == root_tier},
             )
         )
     created = updated = 0

@@ -58,6 +58,8 @@ class Candidate:
     pools: Sequence[PoolRoom]
     need: Mapping[str, int] = field(default_factory=dict)
     disks: Mapping[str, int] = field(default_factory=dict)
+    # hosts that can build it (those holding its image); None: every host
+    able: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,11 @@ def compute_placement(candidates: Sequence[Candidate]) -> tuple[Choice | None, d
             if not h.up:
                 rejected.append({"provider": c.provider, "host": h.name, "why": "host is not up"})
                 continue
+            if c.able is not None and not {h.external_id, h.name} & c.able:
+                rejected.append(
+                    {"provider": c.provider, "host": h.name, "why": "the image is not on this host"}
+                )
+                continue
             short = [
                 f"{cls} {h.free.get(cls, 0)} free, {need[cls]} needed"
                 for cls in HOST_CLASSES
@@ -156,10 +163,11 @@ class NoPlacement(Conflict):
     """Nothing can take the server: every candidate is named with why."""
 
 
+Needs = Mapping[uuid.UUID, tuple[Mapping[str, int], Mapping[str, int], frozenset[str] | None]]
+
+
 def _candidates(
-    session: Session,
-    provider_list: Sequence[Provider],
-    needs: Mapping[uuid.UUID, tuple[Mapping[str, int], Mapping[str, int]]],
+    session: Session, provider_list: Sequence[Provider], needs: Needs
 ) -> list[Candidate]:
     ids = [p.id for p in provider_list]
     hosts: dict[uuid.UUID, list[HostRoom]] = {pid: [] for pid in ids}
@@ -188,17 +196,10 @@ def _candidates(
         pools[s.provider_id].append(
             PoolRoom(s.id, s.external_id, s.name, s.tier, s.capacity_gb, s.free_gb)
         )
-    return [
-        Candidate(p.id, p.name, hosts[p.id], pools[p.id], needs[p.id][0], needs[p.id][1])
-        for p in provider_list
-    ]
+    return [Candidate(p.id, p.name, hosts[p.id], pools[p.id], *needs[p.id]) for p in provider_list]
 
 
-def place(
-    session: Session,
-    provider_list: Sequence[Provider],
-    needs: Mapping[uuid.UUID, tuple[Mapping[str, int], Mapping[str, int]]],
-) -> Choice:
+def place(session: Session, provider_list: Sequence[Provider], needs: Needs) -> Choice:
     """Choose, and count the server on the chosen host and pools until sync reports the truth.
 
     Best effort by design: the quota ledger is what can never be over-allocated; the provider
@@ -213,7 +214,7 @@ def place(
             "no provider can place this server: " + ("; ".join(reasons) or "no candidates"),
             extra={"placement": explanation},
         )
-    need, disks = needs[choice.provider_id]
+    need, disks, _ = needs[choice.provider_id]
     if choice.host is not None:
         row = session.get(InventoryHost, choice.host.id, with_for_update=True)
         if row is not None:

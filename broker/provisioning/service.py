@@ -91,6 +91,11 @@ class Resolved:
         return {"vcpu": self.vcpu, "memory_mb": self.memory_mb}
 
     @property
+    def able_hosts(self) -> frozenset[str] | None:
+        hosts = self.image.spec.get("hosts")
+        return frozenset(hosts) if hosts else None
+
+    @property
     def storage(self) -> dict[str, int]:
         out: dict[str, int] = {}
         if self.root_gb and self.root_tier:
@@ -349,7 +354,7 @@ def create_job(session: Session, principal: Principal, data: ServerCreate) -> Jo
     choice = place(
         session,
         [r.provider for r in resolved.values()],
-        {pid: (r.host_need, r.storage) for pid, r in resolved.items()},
+        {pid: (r.host_need, r.storage, r.able_hosts) for pid, r in resolved.items()},
     )
     r = resolved[choice.provider_id]
     policy = session.get(AgencyPolicy, agency.id)
