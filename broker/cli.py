@@ -361,6 +361,7 @@ def demo(
 
     from broker import demo as demo_data
     from broker.inventory.models import Provider
+    from broker.provisioning.models import CatalogItem
     from broker.tenancy import service as tenancy
 
     settings = get_settings()
@@ -379,6 +380,11 @@ def demo(
                 f"{outcome.counts.get('servers_seen', 0)} servers, "
                 f"{outcome.counts.get('adopted', 0)} adopted"
             )
+    with db.unit_of_work(write=False) as session:
+        has_catalog = session.execute(select(CatalogItem.id).limit(1)).first() is not None
+    if not has_catalog:
+        for line in demo_data.seed_self_service(db):
+            typer.echo(f"self-service request {line}")
     if seeded:
         typer.echo("demo data already present; users as before")
     else:

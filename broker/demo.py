@@ -14,11 +14,16 @@ from sqlmodel import Session, select
 
 from broker.core.authz import Principal, Role
 from broker.core.db import SessionSource
+from broker.core.errors import GovbrokerError
 from broker.inventory import providers, sync
+from broker.inventory.models import Provider, ServiceCompany
 from broker.inventory.schemas import ProviderCreate, ServiceCompanyCreate
+from broker.provisioning import catalog, executor
+from broker.provisioning import service as provisioning
+from broker.provisioning.schemas import CatalogItemCreate, PolicyUpdate, ServerCreate, SizeBounds
+from broker.tenancy import auth, users
 from broker.tenancy import service as tenancy
-from broker.tenancy import users
-from broker.tenancy.models import Tenant
+from broker.tenancy.models import Tenant, User
 from broker.tenancy.schemas import RoleBindingCreate, TenantCreate, UserCreate
 from quotas import requests as quota_requests
 from quotas import service as quotas
@@ -295,7 +300,7 @@ def seed_inventory(db: SessionSource, var_dir: Path) -> list[sync.Outcome]:
     drivers = {}
     with db.unit_of_work(write=False) as session:
         for name, pid in created.items():
-            provider = session.get(providers.Provider, pid)
+            provider = session.get(Provider, pid)
             assert provider is not None
             drivers[name] = providers.driver_for(provider)
     by_name: dict[str, str] = {}
@@ -321,3 +326,89 @@ def seed_inventory(db: SessionSource, var_dir: Path) -> list[sync.Outcome]:
         drivers["kvm-region-1"].resize(by_name["qmjk-etl-01"], vcpu=16, memory_mb=65536)
         outcomes = sync.sync_all(db, trigger="demo", only_due=False, workers=1)
     return outcomes
+
+
+# --- self-service: the catalog, each agency's company, a few servers built through the broker ---
+
+# which company's provider serves which agency (统采分签: each agency contracts with one)
+AGENCY_COMPANY = {"rsj": "hbxc", "jtj": "hbxc", "sthjj": "hbxc"}
+APPROVAL = {"gaj": (16, 65536)}  # requests above 16 vCPU or 64 GiB wait for the agency admin
+DEMO_REQUESTS: list[tuple[str, str, dict[str, Any]]] = [
+    # (requesting member, system, request)
+    (
+        "fgw-ops",
+        "fgw-xmsp",
+        {"name": "xmsp-web-02", "flavor": "s1.medium", "image": "kylin-v10-sp3"},
+    ),
+    (
+        "jyj-ops",
+        "jyj-zsxt",
+        {
+            "name": "zsxt-app-02",
+            "vcpu": 4,
+            "memory_mb": 8192,
+            "image": "uos-server-20",
+            "disks": [{"size_gb": 200, "tier": "hdd"}],
+        },
+    ),
+    (
+        "gaj-ops",
+        "gaj-hjgl",
+        {"name": "hjgl-ai-01", "vcpu": 32, "memory_mb": 131072, "image": "kylin-v10-sp3"},
+    ),
+]
+
+
+def seed_self_service(db: SessionSource) -> list[str]:
+    """Import each provider's catalog, offer custom sizes, bind every agency to its service
+    company, and put a few requests through the broker; returns one line per request."""
+    actor = Principal.system("demo-seed")
+    with db.unit_of_work(write=False) as session:
+        provider_rows = list(session.exec(select(Provider)))
+        company_of = {c.code: c.id for c in session.exec(select(ServiceCompany))}
+    for provider in provider_rows:
+        catalog.import_items(db, actor, provider.id)
+        with db.unit_of_work() as session:
+            catalog.create_item(
+                session,
+                actor,
+                provider.id,
+                CatalogItemCreate(
+                    kind="size",
+                    code="custom",
+                    name_zh="自定义规格",
+                    size=SizeBounds(max_vcpu=64, max_memory_mb=262144),
+                ),
+            )
+    with db.unit_of_work() as session:
+        for agency in session.exec(select(Tenant).where(Tenant.kind == "agency")):
+            company = company_of[AGENCY_COMPANY.get(agency.code, "zyskj")]
+            vcpu, memory_mb = APPROVAL.get(agency.code, (None, None))
+            catalog.set_policy(
+                session,
+                actor,
+                agency.id,
+                PolicyUpdate(
+                    service_company_id=company,
+                    approval_vcpu=vcpu,
+                    approval_memory_mb=memory_mb,
+                ),
+            )
+    lines: list[str] = []
+    for username, system_code, request in DEMO_REQUESTS:
+        with db.unit_of_work(write=False) as session:
+            user = session.exec(select(User).where(User.username == username)).one()
+            system = session.exec(select(Tenant).where(Tenant.code == system_code)).one()
+            principal = auth.load_principal(session, user, method="session")
+        try:
+            submitted = provisioning.request_server(
+                db, principal, ServerCreate(system_id=system.id, **request), key=None
+            )
+        except GovbrokerError as exc:
+            lines.append(f"{request['name']}: refused ({exc.detail})")
+            continue
+        state = submitted.state
+        if state == "queued":
+            state = executor.run(db, submitted.job_id) or state
+        lines.append(f"{request['name']}: {state}")
+    return lines

@@ -13,6 +13,7 @@ from broker.cli import app
 from broker.core.db import Database
 from broker.core.settings import get_settings
 from broker.inventory.models import Server
+from broker.provisioning.models import Job
 from broker.tenancy.models import RoleBinding, User
 
 runner = CliRunner()
@@ -114,6 +115,16 @@ def test_demo_seeds_once_and_reports_users(tmp_path, use_database):
         servers = s.execute(select(Server)).scalars().all()
     assert sum(1 for v in servers if v.tenant_id is None) == 3
     assert [v.name for v in servers if v.drift] == ["qmjk-etl-01"]
+    # self-service: two servers built through the broker, one waiting for approval
+    assert "self-service request xmsp-web-02: succeeded" in first.output
+    assert "self-service request hjgl-ai-01: pending_approval" in first.output
+    with Database(url).unit_of_work(write=False) as s:
+        jobs = {j.params["name"]: j.state for j in s.execute(select(Job)).scalars()}
+    assert jobs == {
+        "xmsp-web-02": "succeeded",
+        "zsxt-app-02": "succeeded",
+        "hjgl-ai-01": "pending_approval",
+    }
     assert sorted(p.name for p in (tmp_path / "var").glob("sim-*.json")) == [
         "sim-kvm-region-1.json",
         "sim-vsphere-dr.json",
@@ -122,5 +133,6 @@ def test_demo_seeds_once_and_reports_users(tmp_path, use_database):
     assert second.exit_code == 0
     assert "already present" in second.output
     assert "provider " not in second.output
+    assert "self-service" not in second.output
     with Database(url).unit_of_work(write=False) as s:
         assert s.execute(select(func.count()).select_from(User)).scalar_one() == users
