@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -484,11 +484,44 @@ def run(
     return _execute(db, c, driver_factory or providers.driver_for, resumed=False)
 
 
+def beat_interval() -> float:
+    return max(1.0, get_settings().job_stale_seconds / 3)
+
+
+@contextlib.contextmanager
+def _heartbeat(db: SessionSource, c: Claimed) -> Iterator[None]:
+    """Keep the job's heartbeat fresh while the provider works (a clone can take longer than
+    the stale threshold), so that the reconciler does not take over a job that is alive."""
+    interval = beat_interval()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                with db.unit_of_work() as session:
+                    job = _locked_job(session, c.job.id, c.claim)
+                    if job is None:
+                        return
+                    job.heartbeat_at = clock.now()
+                    session.add(job)
+            except Exception:  # a missed beat is not worth a crashed job
+                log.warning("job heartbeat failed", job=str(c.job.id), exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{c.job.id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _execute(db: SessionSource, c: Claimed, factory: DriverFactory, *, resumed: bool) -> str:
     driver: drv.Driver | None = None
     try:
         driver = factory(c.provider)
-        observed = _call(driver, c.job, resumed)
+        with _heartbeat(db, c):
+            observed = _call(driver, c.job, resumed)
     except drv.DriverError as exc:
         message = _message(exc, c.provider)
         if exc.retryable:

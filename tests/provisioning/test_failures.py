@@ -6,20 +6,30 @@ gives expire and give the quota back."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import threading
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import time_machine
 from sqlmodel import select
 
 from broker.core.settings import get_settings
-from broker.inventory import providers
+from broker.inventory import providers, sync
 from broker.inventory.models import Server
+from broker.inventory.schemas import ProviderCreate
 from broker.provisioning import catalog, executor
-from broker.provisioning.schemas import PolicyUpdate
+from broker.provisioning import service as provisioning
+from broker.provisioning.schemas import PolicyUpdate, ServerCreate
+from broker.tenancy import auth
+from broker.tenancy.models import User
+from drivers.simulator import SimulatorDriver
 from quotas.models import Reservation
+from tests.fixtures.auth import build_estate
 from tests.fixtures.inventory import used
-from tests.fixtures.provisioning import ADMIN, Broker
+from tests.fixtures.provisioning import ADMIN, Broker, give_room, offer
+from tests.fixtures.quota import set_limits
 
 
 class Killed(BaseException):
@@ -173,8 +183,6 @@ def test_an_approval_nobody_gives_expires_and_gives_the_quota_back(
 def test_sync_leaves_a_server_still_being_built_to_its_job(
     clock, broker: Broker, principal_of
 ) -> None:  # type: ignore[no-untyped-def]
-    from broker.inventory import sync
-
     broker.driver_factory = killing("after")
     with pytest.raises(Killed):
         broker.request(principal_of("a-member"))
@@ -187,3 +195,73 @@ def test_sync_leaves_a_server_still_being_built_to_its_job(
     with broker.db.unit_of_work(write=False) as s:
         rows = list(s.execute(select(Server)).scalars())
     assert len(rows) == 1 and rows[0].tenant_id == broker.estate.tid("a1")
+
+
+def test_a_long_provider_call_keeps_its_job_alive_for_the_reconciler(
+    committed_db, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A job whose provider call outlasts the stale threshold keeps beating, so the reconciler
+    leaves it alone; real threads on a real database."""
+
+    db = committed_db
+    with db.unit_of_work() as s:
+        estate = build_estate(s)
+        set_limits(s, estate)
+    give_room(db, estate, "a")
+    name = "slow-sim"
+    opts = {"state": f"shared:{name}", "retry_max_wait": 0}
+    with db.unit_of_work() as s:
+        pid = providers.create_provider(
+            s,
+            ADMIN,
+            ProviderCreate(
+                kind="simulator",
+                name=name,
+                endpoint=f"sim://{name}",
+                credentials={"username": "u", "password": "pw-slow-sim"},
+                options=opts,
+            ),
+        ).id
+    offer(db, pid)
+    with db.unit_of_work(write=False) as s:
+        user = s.get(User, estate.uid("a-member"))
+        member = auth.load_principal(s, user, method="session")
+    submitted = provisioning.request_server(
+        db,
+        member,
+        ServerCreate(
+            name="slow-01", system_id=estate.tid("a1"), image="centos-7.9", flavor="s1.small"
+        ),
+        key=None,
+    )
+    monkeypatch.setattr(executor, "beat_interval", lambda: 0.05)
+    release = threading.Event()
+    beats: list[object] = []
+
+    def slow_factory(provider):  # type: ignore[no-untyped-def]
+        driver = providers.driver_for(provider)
+        real = driver.create_server
+
+        def create(spec):  # type: ignore[no-untyped-def]
+            release.wait(10)
+            return real(spec)
+
+        driver.create_server = create  # type: ignore[method-assign]
+        return driver
+
+    worker = threading.Thread(
+        target=lambda: beats.append(executor.run(db, submitted.job_id, driver_factory=slow_factory))
+    )
+    try:
+        with time_machine.travel(datetime.now(UTC), tick=True) as traveller:
+            worker.start()
+            time.sleep(0.3)
+            traveller.shift(timedelta(seconds=get_settings().job_stale_seconds * 2))
+            time.sleep(0.3)  # several beats at the shifted time
+            assert executor.reconcile(db)["resolved"] == 0
+            release.set()
+            worker.join(10)
+    finally:
+        release.set()
+        SimulatorDriver.ex_reset_shared(name)
+    assert beats == ["succeeded"]
