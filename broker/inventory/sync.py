@@ -418,12 +418,16 @@ def _upsert_simple(
     """Hosts, storage and networks: few rows, compared and written as a whole. (new, gone)"""
     conn = session.connection()
     fields = sorted({k for values in rows.values() for k in values})
+    # locked in id order, as placement locks them: the two never wait on each other in a circle
     stored = {
         r.external_id: r
         for r in conn.execute(
             sa_select(
                 table.c.id, table.c.external_id, table.c.gone_at, *[table.c[f] for f in fields]
-            ).where(table.c.provider_id == provider_id)
+            )
+            .where(table.c.provider_id == provider_id)
+            .order_by(table.c.id)
+            .with_for_update()
         )
     }
     new = [

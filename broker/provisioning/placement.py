@@ -169,13 +169,17 @@ Needs = Mapping[uuid.UUID, tuple[Mapping[str, int], Mapping[str, int], frozenset
 def _candidates(
     session: Session, provider_list: Sequence[Provider], needs: Needs
 ) -> list[Candidate]:
+    """The room on every candidate, read under row locks (hosts, then pools, each in id order,
+    as sync takes them): what is chosen is what is booked, even with requests racing."""
     ids = [p.id for p in provider_list]
     hosts: dict[uuid.UUID, list[HostRoom]] = {pid: [] for pid in ids}
     by_id = {p.id: p for p in provider_list}
     for h in session.execute(
-        select(InventoryHost).where(
-            col(InventoryHost.provider_id).in_(ids), col(InventoryHost.gone_at).is_(None)
-        )
+        select(InventoryHost)
+        .where(col(InventoryHost.provider_id).in_(ids), col(InventoryHost.gone_at).is_(None))
+        .order_by(col(InventoryHost.id))
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ).scalars():
         capacity = {
             cls: math.floor(
@@ -189,9 +193,11 @@ def _candidates(
         )
     pools: dict[uuid.UUID, list[PoolRoom]] = {pid: [] for pid in ids}
     for s in session.execute(
-        select(InventoryStorage).where(
-            col(InventoryStorage.provider_id).in_(ids), col(InventoryStorage.gone_at).is_(None)
-        )
+        select(InventoryStorage)
+        .where(col(InventoryStorage.provider_id).in_(ids), col(InventoryStorage.gone_at).is_(None))
+        .order_by(col(InventoryStorage.id))
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ).scalars():
         pools[s.provider_id].append(
             PoolRoom(s.id, s.external_id, s.name, s.tier, s.capacity_gb, s.free_gb)
@@ -202,8 +208,9 @@ def _candidates(
 def place(session: Session, provider_list: Sequence[Provider], needs: Needs) -> Choice:
     """Choose, and count the server on the chosen host and pools until sync reports the truth.
 
-    Best effort by design: the quota ledger is what can never be over-allocated; the provider
-    has the last word on room, and a create it refuses fails its job and gives the quota back."""
+    The room is read and booked under row locks, so racing requests never pile onto one host;
+    what a host really holds is only known at the next sync, and the provider has the last word:
+    a create it refuses fails its job and gives the quota back."""
     choice, explanation = compute_placement(_candidates(session, provider_list, needs))
     if choice is None:
         reasons = [
@@ -215,8 +222,9 @@ def place(session: Session, provider_list: Sequence[Provider], needs: Needs) -> 
             extra={"placement": explanation},
         )
     need, disks, _ = needs[choice.provider_id]
+    # the rows were locked and loaded above: these are the identity map's copies
     if choice.host is not None:
-        row = session.get(InventoryHost, choice.host.id, with_for_update=True)
+        row = session.get(InventoryHost, choice.host.id)
         if row is not None:
             row.allocated = {
                 **row.allocated,
@@ -224,7 +232,7 @@ def place(session: Session, provider_list: Sequence[Provider], needs: Needs) -> 
             }
             session.add(row)
     for tier, pool in choice.pools.items():
-        prow = session.get(InventoryStorage, pool.id, with_for_update=True)
+        prow = session.get(InventoryStorage, pool.id)
         if prow is not None:
             prow.free_gb = max(0, prow.free_gb - int(disks[tier]))
             session.add(prow)
