@@ -18,7 +18,7 @@ from broker.audit import service as audit
 from broker.core import clock
 from broker.core.authz import Principal
 from broker.core.db import SessionSource
-from broker.core.errors import Conflict, Invalid, NotFound, Unavailable
+from broker.core.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
 from broker.inventory import providers
 from broker.inventory.models import Provider, ServiceCompany
 from broker.provisioning.models import AgencyPolicy, CatalogItem, CatalogKind
@@ -27,6 +27,7 @@ from broker.provisioning.schemas import (
     CatalogItemUpdate,
     PolicyUpdate,
 )
+from broker.tenancy import service as tenancy
 from broker.tenancy.authz import authorize
 from broker.tenancy.models import Tenant, TenantKind
 from drivers.base import DriverError
@@ -302,15 +303,15 @@ def offered_items(
     return out
 
 
-def agency_of(session: Session, tenant: Tenant) -> Tenant:
-    """The agency a tenant belongs to (itself, for an agency)."""
+def agency_of(session: Session, tenant: Tenant, field: str = "system_id") -> Tenant:
+    """The agency a tenant belongs to (itself, for an agency); `field` names the input."""
     if tenant.kind == TenantKind.agency:
         return tenant
     if tenant.kind == TenantKind.system and tenant.parent_id is not None:
         agency = session.get(Tenant, tenant.parent_id)
         if agency is not None:
             return agency
-    raise Invalid.field("system_id", f"{tenant.kind} {tenant.code} is not in an agency", "kind")
+    raise Invalid.field(field, f"{tenant.kind} {tenant.code} is not in an agency", "kind")
 
 
 def catalog_for(
@@ -321,7 +322,7 @@ def catalog_for(
     if tenant is None:
         raise NotFound(f"tenant {tenant_id} not found")
     authorize(principal, "server.read", tenant)
-    agency = agency_of(session, tenant)
+    agency = agency_of(session, tenant, "tenant_id")
     policy = session.get(AgencyPolicy, agency.id)
     items = offered_items(session, agency.id)
     provs = {
@@ -370,7 +371,10 @@ def set_policy(
     """Which company and provider serve the agency are the center's call (统采); approval
     thresholds too, since an agency admin must not be able to waive its own approvals."""
     agency = _agency(session, principal, agency_id, "tenant.read")
-    providers.center_for(session, principal, MANAGE, f"agency {agency_id}")
+    center = tenancy.get_center(session)
+    # the agency is in view, so a missing right is 403 (not the center's 404)
+    if center is None or not principal.can(MANAGE, center.path):
+        raise Forbidden(f"your roles here do not allow {MANAGE}")
     if (
         data.service_company_id is not None
         and session.get(ServiceCompany, data.service_company_id) is None

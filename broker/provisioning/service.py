@@ -722,14 +722,21 @@ def _job_scope(principal: Principal) -> Any:
 
 
 def get_job(session: Session, principal: Principal, job_id: uuid.UUID) -> Job:
+    """A job the caller may read. One whose tenant it sees without the right to read servers
+    there (finance) is 403; one outside its view is 404, like a missing one."""
     job = (
         session.execute(select(Job).where(Job.id == job_id, _job_scope(principal)))
         .scalars()
         .first()
     )
-    if job is None:
+    if job is not None:
+        return job
+    job = session.get(Job, job_id)
+    tenant = session.get(Tenant, job.tenant_id) if job is not None else None
+    if tenant is None:
         raise NotFound(f"job {job_id} not found")
-    return job
+    authorize(principal, "server.read", tenant, subject=f"job {job_id}")
+    raise NotFound(f"job {job_id} not found")  # the scope and authorize never disagree
 
 
 def list_jobs(
