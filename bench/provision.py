@@ -579,7 +579,7 @@ def profile_in_process(db: Any, seeded: dict[str, Any], sim_state: str, n: int) 
 
     token = seeded["systems"][0]["token"]
 
-    def one(i: int, phase: str, job_id: uuid.UUID | None) -> uuid.UUID | None:
+    def one(i: int, phase: str, job_id: Any) -> Any:
         if phase == "auth":  # what api.deps.current_principal does for every request
             with db.unit_of_work(write=False) as s:
                 auth.authenticate(s, token)
@@ -588,7 +588,7 @@ def profile_in_process(db: Any, seeded: dict[str, Any], sim_state: str, n: int) 
             data = ServerCreate(
                 name=f"prof-{i:05d}", system_id=systems[i % SYSTEMS], image=IMAGE, flavor=FLAVOR
             )
-            return service.request_server(db, principal, data, key=f"prof-{uuid.uuid4()}").job_id
+            return service.request_server(db, principal, data, key=f"prof-{uuid.uuid4()}").claimed
         assert job_id is not None
         executor.run(db, job_id)
         return None

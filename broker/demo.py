@@ -408,7 +408,7 @@ def seed_self_service(db: SessionSource) -> list[str]:
             lines.append(f"{request['name']}: refused ({exc.detail})")
             continue
         state = submitted.state
-        if state == "queued":
-            state = executor.run(db, submitted.job_id) or state
+        if submitted.claimed is not None:
+            state = executor.run(db, submitted.claimed) or state
         lines.append(f"{request['name']}: {state}")
     return lines

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from api.deps import DEFAULT_PAGE, Cursor, Limit, PrincipalDep, SessionDep, database
 from api.schemas import Page
 from broker.core.db import SessionSource
-from broker.provisioning import catalog, service
+from broker.provisioning import catalog, executor, service
 from broker.provisioning.executor import JobRunner
 from broker.provisioning.schemas import (
     CatalogImport,
@@ -64,8 +64,8 @@ def request_server(
     """Ask for a server. Send an `Idempotency-Key` to retry safely: the same key with the same
     body answers as the first time; with another body it is refused (422)."""
     submitted = service.request_server(db, principal, body, key=idempotency_key)
-    if not submitted.replayed and submitted.state == "queued":
-        jobs.submit(submitted.job_id)
+    if submitted.claimed is not None:
+        jobs.submit(submitted.claimed)
     return _accepted(submitted.response, replayed=submitted.replayed)
 
 
@@ -79,8 +79,10 @@ def act(
 ) -> JSONResponse:
     job = service.act(session, principal, server_id, body)
     response = JobPublic.model_validate(job).model_dump(mode="json")
+    claimed = executor.handover(session, job)
     session.commit()
-    jobs.submit(job.id)
+    if claimed is not None:
+        jobs.submit(claimed)
     return _accepted(response)
 
 
@@ -90,8 +92,10 @@ def delete_server(
 ) -> JSONResponse:
     job = service.delete(session, principal, server_id)
     response = JobPublic.model_validate(job).model_dump(mode="json")
+    claimed = executor.handover(session, job)
     session.commit()
-    jobs.submit(job.id)
+    if claimed is not None:
+        jobs.submit(claimed)
     return _accepted(response)
 
 

@@ -202,7 +202,8 @@ def _clip(value: str | None) -> str | None:
     return value if value is None or len(value) <= 255 else value[:255]
 
 
-def _server_values(s: drv.Server) -> dict[str, Any]:
+def server_values(s: drv.Server) -> dict[str, Any]:
+    """A provider's server as the inventory row's columns."""
     return {
         "name": _clip(s.name),
         "vcpu": s.vcpu,
@@ -301,7 +302,7 @@ def _apply_servers(
         if s.external_id in seen:
             continue  # a provider listing the same object twice (paging over a moving list)
         seen.add(s.external_id)
-        values = _server_values(s)
+        values = server_values(s)
         mapped = resolve_owner(s.owner_tag, by_code, by_id)
         old = stored.get(s.external_id)
         if old is None:

@@ -37,7 +37,7 @@ from broker.core.settings import get_settings
 from broker.inventory import providers
 from broker.inventory import sync as inventory_sync
 from broker.inventory.models import Provider, Server
-from broker.inventory.sync import owner_ref, size_of
+from broker.inventory.sync import owner_ref, server_values, size_of
 from broker.provisioning.models import ACTIVE_STATES, Job, JobKind, JobState
 from broker.tenancy.models import Tenant
 from drivers import base as drv
@@ -64,14 +64,39 @@ _EVENT_OF: Mapping[str, LifecycleKind] = {
 
 @dataclass(frozen=True)
 class Claimed:
+    """A running job, the provider it runs on, and the claim that makes it ours."""
+
     job: Job
     provider: Provider
     claim: uuid.UUID
-    tenant_code: str
 
 
 def _append_log(job: Job, **entry: Any) -> None:
     job.log = [*job.log, {"at": clock.now().isoformat(), **entry}][-50:]
+
+
+def start(job: Job) -> None:
+    """Claim a job in the transaction that holds it: running, attempt counted, heartbeat set."""
+    now = clock.now()
+    job.claim = uuid.uuid4()
+    job.attempts += 1
+    if job.state != JobState.running:
+        job.state = JobState.running.value
+        job.started_at = job.started_at or now
+        _append_log(job, state=job.state, attempt=job.attempts)
+    else:
+        _append_log(job, state="resumed", attempt=job.attempts)
+    job.heartbeat_at = now
+
+
+def handover(session: Session, job: Job) -> Claimed | None:
+    """What a worker needs to run a job its creator claimed (None when it waits, e.g. for an
+    approval); to be used after the creating transaction commits."""
+    if job.state != JobState.running or job.claim is None:
+        return None
+    provider = session.get(Provider, job.provider_id)
+    assert provider is not None
+    return Claimed(job, provider, job.claim)
 
 
 def _claim(db: SessionSource, job_id: uuid.UUID, *, states: tuple[JobState, ...]) -> Claimed | None:
@@ -80,23 +105,14 @@ def _claim(db: SessionSource, job_id: uuid.UUID, *, states: tuple[JobState, ...]
         if job is None or job.state not in states:
             return None
         provider = session.get(Provider, job.provider_id)
-        tenant = session.get(Tenant, job.tenant_id)
-        assert provider is not None and tenant is not None
-        now = clock.now()
-        job.claim = uuid.uuid4()
-        job.attempts += 1
-        if job.state != JobState.running:
-            job.state = JobState.running.value
-            job.started_at = job.started_at or now
-            _append_log(job, state=job.state, attempt=job.attempts)
-        else:
-            _append_log(job, state="resumed", attempt=job.attempts)
-        job.heartbeat_at = now
+        assert provider is not None
+        start(job)
         session.add(job)
         session.flush()
         session.expunge(job)
         session.expunge(provider)
-        return Claimed(job, provider, job.claim, tenant.code)
+        assert job.claim is not None
+        return Claimed(job, provider, job.claim)
 
 
 # --- the provider side ---------------------------------------------------------------------------
@@ -200,26 +216,8 @@ def _locked_job(session: Session, job_id: uuid.UUID, claim: uuid.UUID) -> Job | 
     return job
 
 
-def _server_values(s: drv.Server) -> dict[str, Any]:
-    return {
-        "name": s.name[:255],
-        "vcpu": s.vcpu,
-        "memory_mb": s.memory_mb,
-        "disks": [
-            {"size_gb": d.size_gb, "tier": d.tier, "external_id": d.external_id} for d in s.disks
-        ],
-        "ips": sorted(s.ips),
-        "public_ips": sorted(s.public_ips),
-        "power_state": str(s.power_state),
-        "host": s.host,
-        "owner_tag": s.owner_tag,
-        "request_tag": s.request_tag,
-        "created_at": s.created_at,
-    }
-
-
 def _book_difference(
-    session: Session, job: Job, server: Server, held: Mapping[str, int], actual: Mapping[str, int]
+    session: Session, job: Job, ref: str, held: Mapping[str, int], actual: Mapping[str, int]
 ) -> dict[str, int]:
     """Make the ledger hold `actual` for the server when it holds `held`: the provider made
     the server as it is, so a difference is booked (forced: it exists) and noted on the job."""
@@ -227,7 +225,6 @@ def _book_difference(
     delta = {k: v for k, v in delta.items() if v}
     if not delta:
         return dict(actual)
-    ref = owner_ref(server.id)
     grow = {k: v for k, v in delta.items() if v > 0}
     shrink = {k: v for k, v in delta.items() if v < 0}
     for part, force in ((grow, True), (shrink, False)):
@@ -294,36 +291,36 @@ def _finish_create(session: Session, job: Job, observed: drv.Server, provider: P
             ledger.release(session, job.reservation_id)
         _append_log(job, note="the server was already booked; the job's reservation was returned")
         return server
-    if server is None:
-        server = Server(
-            id=job.server_id,
-            provider_id=job.provider_id,
-            external_id=observed.external_id,
-            **_server_values(observed),
-        )
-    else:
-        for k, v in _server_values(observed).items():
-            setattr(server, k, v)
-        server.gone_at = None
-    job.server_id = server.id
-    server.tenant_id = job.tenant_id
-    server.last_seen = clock.now()
-    server.drift = None
-    server.drift_at = None
-    server.adopt_error = None
-    session.add(server)
-    session.flush()
-    ref = owner_ref(server.id)
+    # a row sync wrote meanwhile (it leaves servers of running jobs unbooked) is taken over
+    job.server_id = server.id if server is not None else job.server_id
+    ref = owner_ref(job.server_id)
+    values = server_values(observed)
     held = dict(job.grow)
     if not _commit_growth(session, job, ref):
         held = {}  # lapsed: the server exists, so what it holds is booked below, forced
-    actual = size_of(observed.vcpu, observed.memory_mb, _server_values(observed)["disks"], classes)
+    actual = size_of(observed.vcpu, observed.memory_mb, values["disks"], classes)
     actual["instances"] = 1
     if observed.public_ips or job.grow.get("public_ip"):
         actual["public_ip"] = max(len(observed.public_ips), int(job.grow.get("public_ip", 0)))
         if job.grow.get("bandwidth_mbps"):
             actual["bandwidth_mbps"] = int(job.grow["bandwidth_mbps"])
-    server.booked = _book_difference(session, job, server, held, actual)
+    owned = {
+        **values,
+        "tenant_id": job.tenant_id,
+        "booked": _book_difference(session, job, ref, held, actual),
+        "last_seen": clock.now(),
+        "drift": None,
+        "drift_at": None,
+        "adopt_error": None,
+        "gone_at": None,
+    }
+    if server is None:
+        server = Server(
+            id=job.server_id, provider_id=job.provider_id, external_id=observed.external_id, **owned
+        )
+    else:
+        for k, v in owned.items():
+            setattr(server, k, v)
     session.add(server)
     return server
 
@@ -373,7 +370,7 @@ def _finish_change(
         ledger.commit(session, r.id, owner_ref=ref)
         for k, v in job.shrink.items():
             booked[k] = booked.get(k, 0) - v
-    for k, v in _server_values(observed).items():
+    for k, v in server_values(observed).items():
         setattr(server, k, v)
     server.booked = {k: v for k, v in booked.items() if v}
     server.last_seen = now
@@ -475,10 +472,11 @@ def _message(exc: drv.DriverError, provider: Provider) -> str:
 
 
 def run(
-    db: SessionSource, job_id: uuid.UUID, *, driver_factory: DriverFactory | None = None
+    db: SessionSource, job: uuid.UUID | Claimed, *, driver_factory: DriverFactory | None = None
 ) -> str | None:
-    """Run a queued job to its end; returns the state it reached (None: not ours to run)."""
-    c = _claim(db, job_id, states=(JobState.queued,))
+    """Run a job to its end: one claimed already by its creator, or a queued one by id (claimed
+    here); returns the state it reached (None: not ours to run)."""
+    c = job if isinstance(job, Claimed) else _claim(db, job, states=(JobState.queued,))
     if c is None:
         return None
     return _execute(db, c, driver_factory or providers.driver_for, resumed=False)
@@ -689,7 +687,7 @@ inventory_sync.register_claimed_tags(_claimed_tags)
 
 
 class JobRunner(Protocol):
-    def submit(self, job_id: uuid.UUID) -> None: ...
+    def submit(self, job: uuid.UUID | Claimed) -> None: ...
 
 
 class InlineRunner:
@@ -699,8 +697,8 @@ class InlineRunner:
         self.db = db
         self.driver_factory = driver_factory
 
-    def submit(self, job_id: uuid.UUID) -> None:
-        run(self.db, job_id, driver_factory=self.driver_factory)
+    def submit(self, job: uuid.UUID | Claimed) -> None:
+        run(self.db, job, driver_factory=self.driver_factory)
 
 
 class ThreadRunner:
@@ -721,14 +719,15 @@ class ThreadRunner:
         self._pending: set[Future[Any]] = set()
         self._lock = threading.Lock()
 
-    def _run(self, job_id: uuid.UUID) -> None:
+    def _run(self, job: uuid.UUID | Claimed) -> None:
         try:
-            run(self.db, job_id, driver_factory=self.driver_factory)
+            run(self.db, job, driver_factory=self.driver_factory)
         except Exception:
+            job_id = job.job.id if isinstance(job, Claimed) else job
             log.exception("job crashed; the reconciler will pick it up", job=str(job_id))
 
-    def submit(self, job_id: uuid.UUID) -> None:
-        future = self._pool.submit(self._run, job_id)
+    def submit(self, job: uuid.UUID | Claimed) -> None:
+        future = self._pool.submit(self._run, job)
         with self._lock:
             self._pending.add(future)
         future.add_done_callback(self._done)

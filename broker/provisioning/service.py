@@ -31,7 +31,7 @@ from broker.core.settings import get_settings
 from broker.inventory import service as inventory
 from broker.inventory.models import Provider, Server
 from broker.inventory.sync import owner_ref
-from broker.provisioning import catalog
+from broker.provisioning import catalog, executor
 from broker.provisioning.models import (
     ACTIVE_STATES,
     AgencyPolicy,
@@ -193,8 +193,9 @@ def _resolve_on(
     )
 
 
-def _candidates(session: Session, agency: Tenant, data: ServerCreate) -> dict[uuid.UUID, Resolved]:
-    policy = session.get(AgencyPolicy, agency.id)
+def _candidates(
+    session: Session, agency: Tenant, data: ServerCreate, policy: AgencyPolicy | None
+) -> dict[uuid.UUID, Resolved]:
     offered = catalog.offered_items(session, agency.id)
     provs = {
         p.id: p
@@ -349,7 +350,8 @@ def create_job(session: Session, principal: Principal, data: ServerCreate) -> Jo
         raise Invalid.field("bandwidth_mbps", "bandwidth is for a public IP; ask for one", "no_ip")
     system = _system(session, principal, data.system_id)
     agency = catalog.agency_of(session, system)
-    resolved = _candidates(session, agency, data)
+    policy = session.get(AgencyPolicy, agency.id)
+    resolved = _candidates(session, agency, data, policy)
     classes = ledger.resource_classes(session)
     choice = place(
         session,
@@ -357,7 +359,6 @@ def create_job(session: Session, principal: Principal, data: ServerCreate) -> Jo
         {pid: (r.host_need, r.storage, r.able_hosts) for pid, r in resolved.items()},
     )
     r = resolved[choice.provider_id]
-    policy = session.get(AgencyPolicy, agency.id)
     approval = _needs_approval(policy, r)
     server_id = uuid.uuid4()
     job = _new_job(
@@ -392,6 +393,8 @@ def create_job(session: Session, principal: Principal, data: ServerCreate) -> Jo
         assert policy is not None
         job.deadline = clock.now() + timedelta(hours=policy.approval_hours)
         ttl = timedelta(hours=policy.approval_hours + get_settings().job_reservation_hours)
+    if not approval:
+        executor.start(job)  # the worker this process hands it to needs no claim of its own
     session.add(job)
     session.flush()
     _reserve(session, job, system.id, principal, ttl=ttl)
@@ -421,6 +424,8 @@ class Submitted:
     state: str
     response: dict[str, Any]
     replayed: bool
+    # the job, claimed, for a worker to run; None when replayed or waiting for approval
+    claimed: executor.Claimed | None = None
 
 
 def _key_row(session: Session, principal: Principal, key: str) -> IdempotencyKey | None:
@@ -471,7 +476,8 @@ def request_server(
                         )
                     )
                     session.flush()
-                return Submitted(job.id, job.state, response, False)
+                claimed = executor.handover(session, job)
+                return Submitted(job.id, job.state, response, False, claimed)
         except IntegrityError:
             # an identical request committed first (the unique key): answer as it was answered
             if key is None:
@@ -676,6 +682,7 @@ def _submit(
         params={"external_id": server.external_id, "name": server.name, **params},
     )
     job.grow, job.shrink = grow, shrink
+    executor.start(job)
     session.add(job)
     session.flush()
     _reserve(session, job, tenant.id, principal, owner=owner_ref(server.id))

@@ -24,11 +24,11 @@ from broker.core.authz import Principal
 from broker.inventory import providers, sync
 from broker.inventory.models import Provider
 from quotas import service as quotas
+from tests.api.answers import ok, problem, table_rows
 from tests.fixtures.auth import Estate
 from tests.fixtures.db import TestDatabase
 from tests.fixtures.inventory import MakeCloud, SimCloud
 
-PROBLEM = "application/problem+json"
 MISSING = str(uuid.UUID(int=0xDEAD))
 SYSTEM = Principal.system("test-inventory-api")
 
@@ -51,33 +51,8 @@ STATE_TABLES = (
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def ok(resp: Any, status: int = 200) -> Any:
-    assert resp.status_code == status, f"{resp.status_code}, not {status}: {resp.text}"
-    assert resp.headers["content-type"].startswith("application/json"), resp.headers
-    return resp.json()
-
-
-def problem(resp: Any, status: int, field: str | None = None) -> dict[str, Any]:
-    """The response is a problem of `status`, naming `field` among its errors when given."""
-    where = f"{resp.request.method} {resp.request.url}"
-    assert resp.status_code == status, f"{where}: got {resp.status_code}, not {status}: {resp.text}"
-    assert resp.headers["content-type"].startswith(PROBLEM), f"{where}: {resp.headers}"
-    body: dict[str, Any] = resp.json()
-    assert body["status"] == status and body["type"].startswith("urn:govbroker:problem:")
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
-    if field is not None:
-        named = [e["field"] for e in body.get("errors", [])]
-        assert field in named, f"{where}: the problem should name {field!r}: {resp.text}"
-    return body
-
-
 def database_state(db: TestDatabase) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table this domain writes, read with plain SQL."""
-    return {
-        table: [tuple(r) for r in db.connection.execute(text(f"SELECT * FROM {table} ORDER BY 1"))]
-        for table in STATE_TABLES
-    }
+    return table_rows(db, STATE_TABLES)
 
 
 def events(db: TestDatabase, action: str) -> list[AuditEvent]:

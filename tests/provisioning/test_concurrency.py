@@ -26,15 +26,14 @@ from sqlmodel import select
 
 from api.app import create_app
 from broker.core.db import Database
-from broker.inventory import providers
 from broker.inventory.models import Server
-from broker.inventory.schemas import ProviderCreate
 from broker.provisioning.executor import ThreadRunner
 from broker.provisioning.models import Job
 from drivers.simulator import SimulatorDriver
 from quotas import service as quotas
 from quotas.models import Quota
 from tests.fixtures.auth import PASSWORD, Estate, build_estate
+from tests.fixtures.inventory import register_simulator
 from tests.fixtures.provisioning import ADMIN, give_room, offer
 from tests.fixtures.quota import set_limits
 
@@ -73,19 +72,7 @@ def live(committed_db: Database) -> Iterator[Live]:
         set_limits(s, estate)
     give_room(db, estate, "a", "b")  # type: ignore[arg-type]
     opts = {"state": f"shared:{name}", "retry_max_wait": 0}
-    with db.unit_of_work() as s:
-        provider = providers.create_provider(
-            s,
-            ADMIN,
-            ProviderCreate(
-                kind="simulator",
-                name=name,
-                endpoint=f"sim://{name}",
-                credentials={"username": "u", "password": "pw-of-live-sim"},
-                options=opts,
-            ),
-        )
-        provider_id = provider.id
+    provider_id = register_simulator(db, name, opts)  # type: ignore[arg-type]
     offer(db, provider_id)  # type: ignore[arg-type]
     runner = ThreadRunner(db, workers=4)
     app = create_app(db, jobs=runner)

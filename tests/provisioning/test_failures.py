@@ -18,7 +18,6 @@ from sqlmodel import select
 from broker.core.settings import get_settings
 from broker.inventory import providers, sync
 from broker.inventory.models import Server
-from broker.inventory.schemas import ProviderCreate
 from broker.provisioning import catalog, executor
 from broker.provisioning import service as provisioning
 from broker.provisioning.schemas import PolicyUpdate, ServerCreate
@@ -27,7 +26,7 @@ from broker.tenancy.models import User
 from drivers.simulator import SimulatorDriver
 from quotas.models import Reservation
 from tests.fixtures.auth import build_estate
-from tests.fixtures.inventory import used
+from tests.fixtures.inventory import register_simulator, used
 from tests.fixtures.provisioning import ADMIN, Broker, give_room, offer
 from tests.fixtures.quota import set_limits
 
@@ -210,18 +209,7 @@ def test_a_long_provider_call_keeps_its_job_alive_for_the_reconciler(
     give_room(db, estate, "a")
     name = "slow-sim"
     opts = {"state": f"shared:{name}", "retry_max_wait": 0}
-    with db.unit_of_work() as s:
-        pid = providers.create_provider(
-            s,
-            ADMIN,
-            ProviderCreate(
-                kind="simulator",
-                name=name,
-                endpoint=f"sim://{name}",
-                credentials={"username": "u", "password": "pw-slow-sim"},
-                options=opts,
-            ),
-        ).id
+    pid = register_simulator(db, name, opts)
     offer(db, pid)
     with db.unit_of_work(write=False) as s:
         user = s.get(User, estate.uid("a-member"))
@@ -250,7 +238,9 @@ def test_a_long_provider_call_keeps_its_job_alive_for_the_reconciler(
         return driver
 
     worker = threading.Thread(
-        target=lambda: beats.append(executor.run(db, submitted.job_id, driver_factory=slow_factory))
+        target=lambda: beats.append(
+            executor.run(db, submitted.claimed, driver_factory=slow_factory)
+        )
     )
     try:
         with time_machine.travel(datetime.now(UTC), tick=True) as traveller:

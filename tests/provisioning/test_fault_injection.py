@@ -41,7 +41,6 @@ from broker.core.errors import GovbrokerError
 from broker.core.settings import get_settings
 from broker.inventory import providers, sync
 from broker.inventory.models import Provider, Server
-from broker.inventory.schemas import ProviderCreate
 from broker.inventory.sync import size_of
 from broker.provisioning import executor, service
 from broker.provisioning.models import ACTIVE_STATES, Job
@@ -53,7 +52,8 @@ from quotas import ledger
 from quotas.models import Allocation, Quota, Reservation
 from tests.fixtures.auth import build_estate
 from tests.fixtures.db import TestDatabase
-from tests.fixtures.provisioning import ADMIN, give_room, offer
+from tests.fixtures.inventory import register_simulator
+from tests.fixtures.provisioning import give_room, offer
 from tests.fixtures.quota import set_limits
 
 pytestmark = pytest.mark.slow
@@ -153,19 +153,7 @@ class ProvisioningMachine(RuleBasedStateMachine):
             set_limits(s, self.estate)
         give_room(self.db, self.estate, "a", "b")
         opts = {"state": f"shared:{self.name}", "retry_max_wait": 0}
-        with self.db.unit_of_work() as s:
-            provider = providers.create_provider(
-                s,
-                ADMIN,
-                ProviderCreate(
-                    kind="simulator",
-                    name=self.name,
-                    endpoint=f"sim://{self.name}",
-                    credentials={"username": "u", "password": SECRET},
-                    options=opts,
-                ),
-            )
-            self.provider_id = provider.id
+        self.provider_id = register_simulator(self.db, self.name, opts)
         self.sim = SimulatorDriver(f"sim://{self.name}", {}, opts)
         offer(self.db, self.provider_id)
         with self.db.unit_of_work(write=False) as s:
@@ -206,9 +194,11 @@ class ProvisioningMachine(RuleBasedStateMachine):
             }
         self.faults = spec
 
-    def run_job(self, job_id: uuid.UUID) -> None:
+    def run_job(self, job: executor.Claimed | None) -> None:
+        if job is None:
+            return
         try:
-            state = executor.run(self.db, job_id, driver_factory=self.factory)
+            state = executor.run(self.db, job, driver_factory=self.factory)
             self.outcomes[f"job:{state}"] += 1
         except Killed:
             self.outcomes["job:killed"] += 1
@@ -242,7 +232,7 @@ class ProvisioningMachine(RuleBasedStateMachine):
             return
         self.servers.append(submitted.job_id)
         self.inject(fault, "create_server")
-        self.run_job(submitted.job_id)
+        self.run_job(submitted.claimed)
 
     @precondition(lambda self: bool(self.live_servers()))
     @rule(pick=st.integers(0, 1000), action=ACTIONS, fault=PROVIDER_FAULTS)
@@ -258,12 +248,12 @@ class ProvisioningMachine(RuleBasedStateMachine):
                     job = service.act(
                         s, self.member, server_id, ServerAction(action=name, **params)
                     )
-                job_id = job.id
+                claimed = executor.handover(s, job)
         except GovbrokerError as exc:
             self.outcomes[f"{name}:{type(exc).__name__}"] += 1
             return
         self.inject(fault, OP_OF[name])
-        self.run_job(job_id)
+        self.run_job(claimed)
 
     @rule()
     def sync(self) -> None:
