@@ -310,6 +310,9 @@ def sync(
     from broker.inventory import providers as provider_service
     from broker.inventory import sync as inventory_sync
 
+    # registers which servers running jobs are still building, so that sync leaves them be
+    from broker.provisioning import executor  # noqa: F401
+
     db = _database()
     try:
         with db.unit_of_work(write=False) as session:

@@ -282,6 +282,11 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def delete(self, external_id: str) -> None: ...
 
+    def custom_root_gb(self) -> int:
+        """The root disk a custom-size server (no flavor) gets before the image's minimum, so
+        that the broker reserves what the provider will make."""
+        return 0
+
     def root_tier(self) -> str | None:
         """The storage tier a new server's root disk is made in, so that the broker reserves
         and places it there; by default the first tier the provider lists."""

@@ -478,6 +478,9 @@ class OpenStackDriver(Driver):
 
         return self._remote("list flavors", do)
 
+    def custom_root_gb(self) -> int:
+        return self._root_gb
+
     def list_images(self) -> list[Image]:
         def do() -> list[Image]:
             return [

@@ -158,6 +158,9 @@ class Observed:
     storage: list[drv.StoragePool]
     networks: list[drv.Network]
     servers: list[drv.Server]
+    # when the listing began: a server row written after it (a provisioning job finished while
+    # the provider was being read) is newer than what the listing says of it
+    at: datetime | None = None
 
 
 def observe(driver: drv.Driver, progress: Progress | None = None) -> Observed:
@@ -167,7 +170,9 @@ def observe(driver: drv.Driver, progress: Progress | None = None) -> Observed:
             progress(name, len(items), len(items))
         return items
 
+    started = clock.now()
     return Observed(
+        at=started,
         hosts=step("hosts", driver.list_hosts),
         storage=step("storage", driver.list_storage),
         networks=step("networks", driver.list_networks),
@@ -275,32 +280,40 @@ def _apply_servers(
     now: datetime,
     counts: Counter[str],
     progress: Progress | None,
+    listed_at: datetime | None = None,
 ) -> None:
     by_code, by_id = _tenants(session)
     classes = ledger.resource_classes(session)
-    stored = {
-        r.external_id: r
-        for r in session.connection().execute(
-            sa_select(
-                _SERVERS.c.id,
-                _SERVERS.c.external_id,
-                *[_SERVERS.c[f] for f in _SERVER_FIELDS],
-                _SERVERS.c.tenant_id,
-                _SERVERS.c.booked,
-                _SERVERS.c.drift,
-                _SERVERS.c.drift_at,
-                _SERVERS.c.gone_at,
-            ).where(_SERVERS.c.provider_id == provider.id)
-        )
-    }
+    rows = session.connection().execute(
+        sa_select(
+            _SERVERS.c.id,
+            _SERVERS.c.external_id,
+            *[_SERVERS.c[f] for f in _SERVER_FIELDS],
+            _SERVERS.c.tenant_id,
+            _SERVERS.c.booked,
+            _SERVERS.c.drift,
+            _SERVERS.c.drift_at,
+            _SERVERS.c.gone_at,
+            _SERVERS.c.last_seen,
+        ).where(_SERVERS.c.provider_id == provider.id)
+    )
+    stored = {}
+    newer: set[str] = set()
+    for r in rows:
+        if listed_at is not None and r.last_seen > listed_at:
+            # written since the listing began (a job built, changed or deleted it): the listing
+            # is older than the row, so it neither marks it gone, nor brings it back, nor edits it
+            newer.add(r.external_id)
+            continue
+        stored[r.external_id] = r
     inserts: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
     drift_events: list[tuple[uuid.UUID, TenantRef, Any, Any]] = []
     seen: set[str] = set()
     total = len(servers)
     for n, s in enumerate(servers, 1):
-        if s.external_id in seen:
-            continue  # a provider listing the same object twice (paging over a moving list)
+        if s.external_id in seen or s.external_id in newer:
+            continue  # listed twice (paging over a moving list), or newer in the database
         seen.add(s.external_id)
         values = server_values(s)
         mapped = resolve_owner(s.owner_tag, by_code, by_id)
@@ -512,7 +525,7 @@ def apply(
         counts[name] += len(rows)
         counts[f"{name}_new"] += new
         counts[f"{name}_gone"] += gone
-    _apply_servers(session, provider, observed.servers, now, counts, progress)
+    _apply_servers(session, provider, observed.servers, now, counts, progress, observed.at)
     return dict(counts)
 
 

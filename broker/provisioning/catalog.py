@@ -19,6 +19,7 @@ from broker.core import clock
 from broker.core.authz import Principal
 from broker.core.db import SessionSource
 from broker.core.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
+from broker.core.settings import get_settings
 from broker.inventory import providers
 from broker.inventory.models import Provider, ServiceCompany
 from broker.provisioning.models import AgencyPolicy, CatalogItem, CatalogKind
@@ -30,7 +31,7 @@ from broker.provisioning.schemas import (
 from broker.tenancy import service as tenancy
 from broker.tenancy.authz import authorize
 from broker.tenancy.models import Tenant, TenantKind
-from drivers.base import DriverError
+from drivers.base import Driver, DriverError
 
 MANAGE = "catalog.manage"
 # a data disk's size when the center set no bounds for a tier
@@ -79,8 +80,9 @@ def import_items(
         providers.center_for(session, principal, MANAGE, f"provider {provider_id}")
         provider = _provider(session, provider_id)
         session.expunge(provider)
-    driver = providers.driver_for(provider)
+    driver: Driver | None = None
     try:
+        driver = providers.driver_for(provider)
         found: list[tuple[str, str, str, dict[str, Any]]] = []
         for f in driver.list_flavors():
             spec = {"vcpu": f.vcpu, "memory_mb": f.memory_mb, "disk_gb": f.disk_gb}
@@ -94,6 +96,8 @@ def import_items(
                     {
                         "os": i.os,
                         "min_disk_gb": i.min_disk_gb,
+                        # the root disk of a custom size, as the driver will make it
+                        "custom_root_gb": max(driver.custom_root_gb(), i.min_disk_gb),
                         # an image some hosts lack (libvirt keeps images per host)
                         "hosts": sorted(i.extra.get("hosts") or []) or None,
                     },
@@ -112,7 +116,8 @@ def import_items(
             f"provider {provider.name} could not list its catalog: {message}"
         ) from exc
     finally:
-        driver.close()
+        if driver is not None:
+            driver.close()
     for tier in tiers:
         # where the driver puts root disks, unless the center curates it otherwise
         found.append(
@@ -391,6 +396,11 @@ def set_policy(
             raise Invalid.field(
                 "provider_id", "the provider is run by another service company", "mismatch"
             )
+    settings = get_settings()
+    most = settings.reservation_max_ttl_seconds // 3600 - settings.job_reservation_hours
+    if data.approval_hours > most:
+        # a waiting request holds its quota for the window plus the job's own time
+        raise Invalid.field("approval_hours", f"must be at most {most}", "too_long")
     policy = session.get(AgencyPolicy, agency_id, with_for_update=True)
     before = _policy_snapshot(policy) if policy is not None else None
     if policy is None:

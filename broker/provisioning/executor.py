@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
@@ -99,10 +99,20 @@ def handover(session: Session, job: Job) -> Claimed | None:
     return Claimed(job, provider, job.claim)
 
 
-def _claim(db: SessionSource, job_id: uuid.UUID, *, states: tuple[JobState, ...]) -> Claimed | None:
+def _claim(
+    db: SessionSource,
+    job_id: uuid.UUID,
+    *,
+    states: tuple[JobState, ...],
+    stale_before: datetime | None = None,
+) -> Claimed | None:
+    """Take a job; a running one only while its heartbeat is still older than `stale_before`
+    (read again under the lock: it may have beaten since the reconciler listed it)."""
     with db.unit_of_work() as session:
         job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
         if job is None or job.state not in states:
+            return None
+        if stale_before is not None and (job.heartbeat_at or stale_before) > stale_before:
             return None
         provider = session.get(Provider, job.provider_id)
         assert provider is not None
@@ -337,6 +347,7 @@ def _finish_change(
         ledger.release_owner(session, ref)
         server.booked = {}
         server.gone_at = server.gone_at or now
+        server.last_seen = now  # newer than any listing a running sync holds
         server.drift = None
         server.drift_at = None
         session.add(server)
@@ -477,9 +488,26 @@ def run(
     """Run a job to its end: one claimed already by its creator, or a queued one by id (claimed
     here); returns the state it reached (None: not ours to run)."""
     c = job if isinstance(job, Claimed) else _claim(db, job, states=(JobState.queued,))
-    if c is None:
+    if c is None or not _still_ours(db, c):
         return None
     return _execute(db, c, driver_factory or providers.driver_for, resumed=False)
+
+
+def _still_ours(db: SessionSource, c: Claimed) -> bool:
+    """A job that waited for a worker long enough to look stale may have been taken by the
+    reconciler meanwhile: check the claim (and beat) before asking the provider anything."""
+    if c.job.heartbeat_at is None or clock.now() - c.job.heartbeat_at < timedelta(
+        seconds=beat_interval()
+    ):
+        return True  # fresh: no reconciler takes a job before it is stale
+    with db.unit_of_work() as session:
+        job = _locked_job(session, c.job.id, c.claim)
+        if job is None:
+            log.info("job taken over while it waited for a worker", job=str(c.job.id))
+            return False
+        job.heartbeat_at = clock.now()
+        session.add(job)
+    return True
 
 
 def beat_interval() -> float:
@@ -529,8 +557,7 @@ def _execute(db: SessionSource, c: Claimed, factory: DriverFactory, *, resumed: 
     finally:
         if driver is not None:
             driver.close()
-    _finish(db, c, observed)
-    return JobState.succeeded.value
+    return _conclude(db, c, observed)
 
 
 def _unsure(db: SessionSource, c: Claimed, driver: drv.Driver | None, message: str) -> str:
@@ -550,13 +577,31 @@ def _unsure(db: SessionSource, c: Claimed, driver: drv.Driver | None, message: s
     if outcome is _NOT_DONE:
         _fail(db, c, message, "Unavailable")
         return JobState.failed.value
-    _finish(
+    return _conclude(
         db,
         c,
         outcome if isinstance(outcome, drv.Server) else None,
         note="the provider's answer was lost; its state shows the change made",
     )
-    return JobState.succeeded.value
+
+
+def _conclude(
+    db: SessionSource, c: Claimed, observed: drv.Server | None, *, note: str | None = None
+) -> str:
+    """Book what the provider did. Should the ledger refuse (a shrink of something the server
+    never booked, a quota that lapsed during the job), the job ends failed with why, instead of
+    staying running for ever; the next sync flags any difference as drift for the center."""
+    try:
+        done = _finish(db, c, observed, note=note)
+    except GovbrokerError as exc:
+        _fail(
+            db,
+            c,
+            f"the provider made the change, but it could not be booked: {exc.detail}",
+            type(exc).__name__,
+        )
+        return JobState.failed.value
+    return JobState.succeeded.value if done else JobState.failed.value
 
 
 _NOT_DONE = object()
@@ -619,16 +664,20 @@ def reconcile(db: SessionSource, *, driver_factory: DriverFactory | None = None)
     for job_id in due_approval:
         counts["expired"] += _expire(db, job_id)
     for job_id in queued:
-        if run(db, job_id, driver_factory=factory) is not None:
-            counts["started"] += 1
+        try:
+            if run(db, job_id, driver_factory=factory) is not None:
+                counts["started"] += 1
+        except Exception:  # one job's trouble must not starve the rest
+            log.exception("a queued job failed to run", job=str(job_id))
+    stale_before = now - timedelta(seconds=settings.job_stale_seconds)
     for job_id in stale:
-        c = _claim(db, job_id, states=(JobState.running,))
+        c = _claim(db, job_id, states=(JobState.running,), stale_before=stale_before)
         if c is None:
             continue
         try:
             _resolve(db, c, factory)
-        except GovbrokerError as exc:  # one job's trouble must not starve the rest
-            log.warning("reconciling a job failed", job=str(job_id), error=exc.detail)
+        except Exception:  # one job's trouble must not starve the rest
+            log.exception("reconciling a job failed", job=str(job_id))
             continue
         counts["resolved"] += 1
     return counts

@@ -14,7 +14,7 @@ import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_
@@ -46,7 +46,7 @@ from broker.provisioning.placement import place
 from broker.provisioning.schemas import JobPublic, ServerAction, ServerCreate
 from broker.tenancy.authz import authorize
 from broker.tenancy.models import Tenant, TenantKind, TenantStatus
-from drivers.base import driver_class
+from drivers.base import DriverError, driver_class
 from quotas import ledger
 
 MANAGE = "server.manage"
@@ -174,9 +174,11 @@ def _resolve_on(
     roots = [t for t in tiers.values() if t.spec.get("root")] or sorted(
         tiers.values(), key=lambda t: t.code
     )
-    root_gb = max(
-        int(flavor.spec.get("disk_gb", 0)) if flavor else 0, int(image.spec.get("min_disk_gb") or 0)
-    )
+    least = int(image.spec.get("min_disk_gb") or 0)
+    if flavor is not None:
+        root_gb = max(int(flavor.spec.get("disk_gb", 0)), least)
+    else:
+        root_gb = max(int(image.spec.get("custom_root_gb") or 0), least)
     return (
         Resolved(
             provider,
@@ -232,7 +234,11 @@ def _candidates(
             assert why is not None
             reasons.append(why)
             continue
-        refusal = driver_class(provider.kind).invalid_name(data.name)
+        try:
+            refusal = driver_class(provider.kind).invalid_name(data.name)
+        except DriverError as exc:  # its SDK is missing on this replica: another may serve
+            reasons.append(("provider", f"{provider.name}: {exc.message}", "unavailable"))
+            continue
         if refusal is not None:
             reasons.append(("name", refusal, "provider_rule"))
             continue
@@ -276,13 +282,22 @@ def _system(session: Session, principal: Principal, system_id: uuid.UUID) -> Ten
     return system
 
 
-def _needs_approval(policy: AgencyPolicy | None, r: Resolved) -> bool:
+def _needs_approval(policy: AgencyPolicy | None, vcpu: int, memory_mb: int) -> bool:
+    """Whether a server of this size (new, or resized to it) waits for an agency admin."""
     if policy is None:
         return False
     return bool(
-        (policy.approval_vcpu is not None and r.vcpu > policy.approval_vcpu)
-        or (policy.approval_memory_mb is not None and r.memory_mb > policy.approval_memory_mb)
+        (policy.approval_vcpu is not None and vcpu > policy.approval_vcpu)
+        or (policy.approval_memory_mb is not None and memory_mb > policy.approval_memory_mb)
     )
+
+
+def _approval_window(job: Job, policy: AgencyPolicy) -> timedelta:
+    """Make `job` wait for approval; returns how long its reservation must hold."""
+    job.state = JobState.pending_approval.value
+    job.deadline = clock.now() + timedelta(hours=policy.approval_hours)
+    job.log = [{"at": clock.now().isoformat(), "state": job.state}]
+    return timedelta(hours=policy.approval_hours + get_settings().job_reservation_hours)
 
 
 def _new_job(
@@ -359,7 +374,7 @@ def create_job(session: Session, principal: Principal, data: ServerCreate) -> Jo
         {pid: (r.host_need, r.storage, r.able_hosts) for pid, r in resolved.items()},
     )
     r = resolved[choice.provider_id]
-    approval = _needs_approval(policy, r)
+    approval = _needs_approval(policy, r.vcpu, r.memory_mb)
     server_id = uuid.uuid4()
     job = _new_job(
         kind=JobKind.create,
@@ -391,8 +406,7 @@ def create_job(session: Session, principal: Principal, data: ServerCreate) -> Jo
     ttl = None
     if approval:
         assert policy is not None
-        job.deadline = clock.now() + timedelta(hours=policy.approval_hours)
-        ttl = timedelta(hours=policy.approval_hours + get_settings().job_reservation_hours)
+        ttl = _approval_window(job, policy)
     if not approval:
         executor.start(job)  # the worker this process hands it to needs no claim of its own
     session.add(job)
@@ -629,10 +643,11 @@ def _plan_action(
         n, disk = found[0]
         if n == 0:
             raise Invalid.field("disk_id", "the root disk cannot be detached", "root")
+        rc = f"storage_gb.{disk['tier']}"
         return (
             {"disk_id": data.disk_id, "size_gb": disk["size_gb"], "tier": disk["tier"]},
             {},
-            {f"storage_gb.{disk['tier']}": int(disk["size_gb"])},
+            _held_part(booked, {rc: int(disk["size_gb"])}),
         )
     if action == "add_public_ip":
         grow = {"public_ip": 1}
@@ -649,10 +664,18 @@ def _plan_action(
         if data.ip not in _public_ips(server):
             raise Invalid.field("ip", f"{data.ip} is not a public IP of {server.name}", "unknown")
         shrink = {"public_ip": 1}
+        # bandwidth is the server's public egress, held while it has any public address
         if len(_public_ips(server)) == 1 and booked.get("bandwidth_mbps"):
             shrink["bandwidth_mbps"] = int(booked["bandwidth_mbps"])
-        return {"ip": data.ip}, {}, shrink
+        return {"ip": data.ip}, {}, _held_part(booked, shrink)
     raise Invalid.field("action", f"unknown action {action}", "unknown")  # pragma: no cover
+
+
+def _held_part(booked: Mapping[str, int], shrink: Mapping[str, int]) -> dict[str, int]:
+    """What of a shrink the server really holds: a disk or address it got outside govbroker
+    (adopted, drifted) was never booked, so there is nothing of it to give back."""
+    out = {k: min(v, int(booked.get(k, 0))) for k, v in shrink.items()}
+    return {k: v for k, v in out.items() if v > 0}
 
 
 def _public_ips(server: Server) -> list[str]:
@@ -667,7 +690,9 @@ def _submit(
     params: dict[str, Any],
     grow: dict[str, int],
     shrink: dict[str, int],
+    approval: AgencyPolicy | None = None,
 ) -> Job:
+    """The job of a lifecycle action; with `approval`, it waits for an agency admin."""
     tenant = session.get(Tenant, server.tenant_id)
     assert tenant is not None
     agency = catalog.agency_of(session, tenant)
@@ -682,10 +707,14 @@ def _submit(
         params={"external_id": server.external_id, "name": server.name, **params},
     )
     job.grow, job.shrink = grow, shrink
-    executor.start(job)
+    ttl = None
+    if approval is not None:
+        ttl = _approval_window(job, approval)
+    else:
+        executor.start(job)
     session.add(job)
     session.flush()
-    _reserve(session, job, tenant.id, principal, owner=owner_ref(server.id))
+    _reserve(session, job, tenant.id, principal, ttl=ttl, owner=owner_ref(server.id))
     session.add(job)
     audit.record(
         session,
@@ -711,7 +740,16 @@ def act(session: Session, principal: Principal, server_id: uuid.UUID, data: Serv
     assert tenant is not None
     agency = catalog.agency_of(session, tenant) if tenant.kind != TenantKind.agency else tenant
     params, grow, shrink = _plan_action(session, server, data, agency.id)
-    return _submit(session, principal, server, JobKind(data.action), params, grow, shrink)
+    policy = session.get(AgencyPolicy, agency.id)
+    # growing past the threshold needs the same approval as asking for that size at once
+    wait = (
+        policy
+        if data.action == "resize"
+        and grow
+        and _needs_approval(policy, int(params["vcpu"]), int(params["memory_mb"]))
+        else None
+    )
+    return _submit(session, principal, server, JobKind(data.action), params, grow, shrink, wait)
 
 
 def delete(session: Session, principal: Principal, server_id: uuid.UUID) -> Job:
@@ -768,10 +806,7 @@ def list_jobs(
     if state is not None:
         stmt = stmt.where(Job.state == state)
     if cursor:
-        at, jid = decode_cursor(cursor, [str, uuid.UUID])
-        from datetime import datetime
-
-        when = datetime.fromisoformat(at)
+        when, jid = decode_cursor(cursor, [datetime, uuid.UUID])
         stmt = stmt.where(
             or_(col(Job.created_at) < when, and_(col(Job.created_at) == when, col(Job.id) < jid))
         )
