@@ -289,23 +289,38 @@ def offered(item: CatalogItem, agency_id: uuid.UUID) -> bool:
     return item.enabled and (not item.agency_ids or str(agency_id) in item.agency_ids)
 
 
-def offered_items(
-    session: Session, agency_id: uuid.UUID, provider_ids: Iterable[uuid.UUID] | None = None
-) -> dict[uuid.UUID, list[CatalogItem]]:
-    """Per provider (enabled ones only), the items offered to `agency_id`."""
+def offered_catalog(
+    session: Session,
+    agency_id: uuid.UUID,
+    *,
+    company_id: uuid.UUID | None = None,
+    provider_ids: Iterable[uuid.UUID] | None = None,
+) -> tuple[dict[uuid.UUID, list[CatalogItem]], dict[uuid.UUID, Provider]]:
+    """Per enabled provider (of `company_id`, when given), the items offered to `agency_id`;
+    and those providers. One query for both."""
     stmt = (
-        select(CatalogItem)
+        select(CatalogItem, Provider)
         .join(Provider, col(Provider.id) == col(CatalogItem.provider_id))
         .where(col(CatalogItem.enabled).is_(True), col(Provider.enabled).is_(True))
         .order_by(col(CatalogItem.kind), col(CatalogItem.code))
     )
     if provider_ids is not None:
         stmt = stmt.where(col(CatalogItem.provider_id).in_(list(provider_ids)))
-    out: dict[uuid.UUID, list[CatalogItem]] = {}
-    for item in session.execute(stmt).scalars():
+    if company_id is not None:
+        stmt = stmt.where(col(Provider.service_company_id) == company_id)
+    items: dict[uuid.UUID, list[CatalogItem]] = {}
+    provs: dict[uuid.UUID, Provider] = {}
+    for item, provider in session.execute(stmt):
         if offered(item, agency_id):
-            out.setdefault(item.provider_id, []).append(item)
-    return out
+            items.setdefault(item.provider_id, []).append(item)
+            provs[provider.id] = provider
+    return items, provs
+
+
+def offered_on(session: Session, agency_id: uuid.UUID, provider_id: uuid.UUID) -> list[CatalogItem]:
+    """The items of one provider offered to `agency_id`."""
+    items, _ = offered_catalog(session, agency_id, provider_ids=[provider_id])
+    return items.get(provider_id, [])
 
 
 def agency_of(session: Session, tenant: Tenant, field: str = "system_id") -> Tenant:
@@ -329,18 +344,10 @@ def catalog_for(
     authorize(principal, "server.read", tenant)
     agency = agency_of(session, tenant, "tenant_id")
     policy = session.get(AgencyPolicy, agency.id)
-    items = offered_items(session, agency.id)
-    provs = {
-        p.id: p
-        for p in session.execute(
-            select(Provider).where(col(Provider.id).in_(list(items)))
-        ).scalars()
-    }
-    if policy is not None and policy.service_company_id is not None:
-        provs = {
-            k: p for k, p in provs.items() if p.service_company_id == policy.service_company_id
-        }
-    return tenant, {k: v for k, v in items.items() if k in provs}, provs
+    items, provs = offered_catalog(
+        session, agency.id, company_id=policy.service_company_id if policy else None
+    )
+    return tenant, items, provs
 
 
 # --- agency policy -----------------------------------------------------------------------------

@@ -226,6 +226,29 @@ def _locked_job(session: Session, job_id: uuid.UUID, claim: uuid.UUID) -> Job | 
     return job
 
 
+def _book(
+    session: Session,
+    job: Job,
+    ref: str,
+    amounts: Mapping[str, int],
+    tag: str,
+    *,
+    force: bool = False,
+) -> None:
+    """Book `amounts` (negative: a shrink) for the server `ref` at once: reserved and committed
+    in one go, because the provider has already made the change."""
+    r = ledger.reserve(
+        session,
+        job.tenant_id,
+        amounts,
+        ref=f"job:{job.id}:{tag}",
+        actor=ACTOR,
+        owner_ref=ref,
+        force=force,
+    )
+    ledger.commit(session, r.id, owner_ref=ref)
+
+
 def _book_difference(
     session: Session, job: Job, ref: str, held: Mapping[str, int], actual: Mapping[str, int]
 ) -> dict[str, int]:
@@ -239,16 +262,7 @@ def _book_difference(
     shrink = {k: v for k, v in delta.items() if v < 0}
     for part, force in ((grow, True), (shrink, False)):
         if part:
-            r = ledger.reserve(
-                session,
-                job.tenant_id,
-                part,
-                ref=f"job:{job.id}:true-up:{uuid.uuid4().hex[:8]}",
-                actor=ACTOR,
-                owner_ref=ref,
-                force=force,
-            )
-            ledger.commit(session, r.id, owner_ref=ref)
+            _book(session, job, ref, part, f"true-up:{uuid.uuid4().hex[:8]}", force=force)
     _append_log(job, note="the provider's server differs from the request", booked_delta=delta)
     return {k: v for k, v in actual.items() if v}
 
@@ -309,7 +323,6 @@ def _finish_create(session: Session, job: Job, observed: drv.Server, provider: P
     if not _commit_growth(session, job, ref):
         held = {}  # lapsed: the server exists, so what it holds is booked below, forced
     actual = size_of(observed.vcpu, observed.memory_mb, values["disks"], classes)
-    actual["instances"] = 1
     if observed.public_ips or job.grow.get("public_ip"):
         actual["public_ip"] = max(len(observed.public_ips), int(job.grow.get("public_ip", 0)))
         if job.grow.get("bandwidth_mbps"):
@@ -357,28 +370,11 @@ def _finish_change(
     if job.grow:
         if not _commit_growth(session, job, ref):
             # lapsed while the provider worked: the change exists, so it is booked anyway
-            r = ledger.reserve(
-                session,
-                job.tenant_id,
-                job.grow,
-                ref=f"job:{job.id}:late",
-                actor=ACTOR,
-                owner_ref=ref,
-                force=True,
-            )
-            ledger.commit(session, r.id, owner_ref=ref)
+            _book(session, job, ref, job.grow, "late", force=True)
         for k, v in job.grow.items():
             booked[k] = booked.get(k, 0) + v
     if job.shrink:
-        r = ledger.reserve(
-            session,
-            job.tenant_id,
-            {k: -v for k, v in job.shrink.items()},
-            ref=f"job:{job.id}:shrink",
-            actor=ACTOR,
-            owner_ref=ref,
-        )
-        ledger.commit(session, r.id, owner_ref=ref)
+        _book(session, job, ref, {k: -v for k, v in job.shrink.items()}, "shrink")
         for k, v in job.shrink.items():
             booked[k] = booked.get(k, 0) - v
     for k, v in server_values(observed).items():

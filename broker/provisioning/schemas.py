@@ -99,12 +99,6 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
 
 
-class JobsPublic(BaseModel):
-    data: list[JobPublic]
-    count: int
-    next_cursor: str | None = None
-
-
 # --- catalog ------------------------------------------------------------------------------------
 
 CatalogKindIn = Literal["flavor", "size", "image", "network", "tier"]

@@ -198,16 +198,9 @@ def _resolve_on(
 def _candidates(
     session: Session, agency: Tenant, data: ServerCreate, policy: AgencyPolicy | None
 ) -> dict[uuid.UUID, Resolved]:
-    offered = catalog.offered_items(session, agency.id)
-    provs = {
-        p.id: p
-        for p in session.execute(
-            select(Provider).where(col(Provider.id).in_(list(offered)))
-        ).scalars()
-    }
-    company = policy.service_company_id if policy else None
-    if company is not None:
-        provs = {k: p for k, p in provs.items() if p.service_company_id == company}
+    offered, provs = catalog.offered_catalog(
+        session, agency.id, company_id=policy.service_company_id if policy else None
+    )
     if data.provider is not None:
         wanted = [p for p in provs.values() if data.provider in (p.name, str(p.id))]
         if not wanted:
@@ -462,9 +455,9 @@ def request_server(
 ) -> Submitted:
     """One unit of work around `create_job`, with the Idempotency-Key: the same key and body
     get the first answer again, whoever wins a race between identical requests."""
-    digest = body_hash(data)
     if key is not None and (not key.strip() or len(key) > 255 or "\x00" in key):
         raise Invalid.field(IDEMPOTENCY_FIELD, "must be 1 to 255 characters", "invalid")
+    digest = body_hash(data) if key is not None else ""  # only a key is ever compared
     for _ in range(3):
         try:
             with db.unit_of_work() as session:
@@ -544,9 +537,7 @@ def _resize_target(
     if data.flavor is not None:
         if data.vcpu is not None or data.memory_mb is not None:
             raise Invalid.field("flavor", "give a flavor or vcpu and memory_mb, not both", "both")
-        items = catalog.offered_items(session, agency_id, [server.provider_id]).get(
-            server.provider_id, []
-        )
+        items = catalog.offered_on(session, agency_id, server.provider_id)
         flavor = _by_code(items, CatalogKind.flavor).get(data.flavor)
         if flavor is None:
             raise Invalid.field("flavor", f"no flavor {data.flavor!r} is offered", "unknown")
@@ -555,9 +546,7 @@ def _resize_target(
         raise Invalid.field("vcpu", "give a flavor, or vcpu and/or memory_mb", "missing")
     vcpu = data.vcpu if data.vcpu is not None else server.vcpu
     memory_mb = data.memory_mb if data.memory_mb is not None else server.memory_mb
-    items = catalog.offered_items(session, agency_id, [server.provider_id]).get(
-        server.provider_id, []
-    )
+    items = catalog.offered_on(session, agency_id, server.provider_id)
     bounds = [i.spec for i in items if i.kind == CatalogKind.size]
     if not bounds:
         raise Invalid.field("vcpu", "custom sizes are not offered; choose a flavor", "not_offered")
@@ -613,9 +602,7 @@ def _plan_action(
             raise Invalid.field(
                 "size_gb" if data.size_gb is None else "tier", "required", "missing"
             )
-        items = catalog.offered_items(session, agency_id, [server.provider_id]).get(
-            server.provider_id, []
-        )
+        items = catalog.offered_on(session, agency_id, server.provider_id)
         tier = _by_code(items, CatalogKind.tier).get(data.tier)
         if tier is None:
             raise Invalid.field("tier", f"no storage tier {data.tier!r} is offered", "unknown")

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from billing.models import LifecycleEvent
 from broker.core.authz import Principal
 from broker.inventory import providers, sync
 from broker.inventory.models import Provider, Server
@@ -60,18 +59,10 @@ class Run:
         return self.broker.estate
 
     def row(self, server_id: uuid.UUID) -> Server:
-        with self.db.unit_of_work(write=False) as s:
-            row = s.get(Server, server_id)
-            assert row is not None
-            s.expunge(row)
-            return row
+        return self.broker.server(server_id)
 
     def events(self, server_id: uuid.UUID) -> list[str]:
-        with self.db.unit_of_work(write=False) as s:
-            rows = s.execute(
-                select(LifecycleEvent).where(LifecycleEvent.server_id == server_id)
-            ).scalars()
-            return [e.kind for e in sorted(rows, key=lambda e: e.at)]
+        return self.broker.events(server_id)
 
     def held(self, code: str) -> dict[str, int]:
         """What tenant `code`'s quota rows hold of every class a server of this peer holds."""

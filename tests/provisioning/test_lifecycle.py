@@ -3,28 +3,8 @@ the quota ledger and the inventory checked after every step."""
 
 from __future__ import annotations
 
-from sqlmodel import select
-
-from billing.models import LifecycleEvent
-from broker.inventory.models import Server
 from tests.fixtures.inventory import servers_of, used
 from tests.fixtures.provisioning import Broker
-
-
-def _server(broker: Broker, server_id):  # type: ignore[no-untyped-def]
-    with broker.db.unit_of_work(write=False) as s:
-        row = s.get(Server, server_id)
-        assert row is not None
-        s.expunge(row)
-        return row
-
-
-def _events(broker: Broker, server_id) -> list[str]:  # type: ignore[no-untyped-def]
-    with broker.db.unit_of_work(write=False) as s:
-        rows = s.execute(
-            select(LifecycleEvent).where(LifecycleEvent.server_id == server_id)
-        ).scalars()
-        return [e.kind for e in sorted(rows, key=lambda e: e.at)]
 
 
 def test_create_resize_power_cycle_delete_keeps_quota_and_inventory_in_step(
@@ -35,7 +15,7 @@ def test_create_resize_power_cycle_delete_keeps_quota_and_inventory_in_step(
     job = broker.request(member, flavor=None, vcpu=2, memory_mb=4096)
     assert job.state == "succeeded", job.error
     sid = job.server_id
-    row = _server(broker, sid)
+    row = broker.server(sid)
     assert row.tenant_id == est.tid("a1") and row.power_state == "running"
     assert row.booked["vcpu"] == 2 and row.booked["memory_mb"] == 4096
     assert used(broker.db, est, "a1") == 2 and used(broker.db, est, "a", "memory_mb") == 4096
@@ -53,22 +33,22 @@ def test_create_resize_power_cycle_delete_keeps_quota_and_inventory_in_step(
     assert job.state == "succeeded", job.error
     assert job.shrink == {"vcpu": 3, "memory_mb": 6144}
     assert used(broker.db, est, "a1") == 1 and used(broker.db, est, "a", "memory_mb") == 2048
-    assert _server(broker, sid).booked["vcpu"] == 1
+    assert broker.server(sid).booked["vcpu"] == 1
 
     assert broker.act(member, sid, "stop").state == "succeeded"
-    assert _server(broker, sid).power_state == "stopped"
+    assert broker.server(sid).power_state == "stopped"
     assert broker.act(member, sid, "start").state == "succeeded"
-    assert _server(broker, sid).power_state == "running"
+    assert broker.server(sid).power_state == "running"
     assert used(broker.db, est, "a1") == 1
 
     job = broker.act(member, sid, "delete")
     assert job.state == "succeeded", job.error
-    gone = _server(broker, sid)
+    gone = broker.server(sid)
     assert gone.gone_at is not None and gone.booked == {}
     assert used(broker.db, est, "a1") == 0 and used(broker.db, est, "a", "memory_mb") == 0
     assert used(broker.db, est, "a", "instances") == 0
     assert broker.cloud.driver.list_servers() == []
-    assert _events(broker, sid) == [
+    assert broker.events(sid) == [
         "created",
         "resized",
         "resized",

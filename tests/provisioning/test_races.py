@@ -22,14 +22,6 @@ from tests.fixtures.inventory import used
 from tests.fixtures.provisioning import ADMIN, Broker
 
 
-def _row(broker: Broker, server_id):  # type: ignore[no-untyped-def]
-    with broker.db.unit_of_work(write=False) as s:
-        row = s.get(Server, server_id)
-        assert row is not None
-        s.expunge(row)
-        return row
-
-
 def _apply(broker: Broker, observed: sync.Observed) -> dict[str, int]:
     with broker.db.unit_of_work() as s:
         provider = s.get(Provider, broker.cloud.provider_id)
@@ -46,7 +38,7 @@ def test_a_listing_older_than_a_new_server_does_not_mark_it_gone(
     clock.shift(timedelta(seconds=5))
     counts = _apply(broker, observed)
     assert counts.get("servers_gone", 0) == 0
-    row = _row(broker, job.server_id)
+    row = broker.server(job.server_id)
     assert row.gone_at is None and row.booked["instances"] == 1
     assert used(broker.db, broker.estate, "a1") == 1
 
@@ -62,10 +54,10 @@ def test_a_listing_older_than_a_delete_does_not_bring_the_server_back(
     assert broker.act(member, job.server_id, "delete").state == "succeeded"
     clock.shift(timedelta(seconds=5))
     _apply(broker, observed)
-    assert _row(broker, job.server_id).gone_at is not None  # the older listing changed nothing
+    assert broker.server(job.server_id).gone_at is not None  # the older listing changed nothing
     outcome = sync.sync_provider(broker.db, broker.cloud.provider_id)
     assert not outcome.counts.get("rebooked") and not outcome.counts.get("servers_back")
-    row = _row(broker, job.server_id)
+    row = broker.server(job.server_id)
     assert row.gone_at is not None and row.booked == {}
     assert used(broker.db, broker.estate, "a1") == 0
 
@@ -91,12 +83,12 @@ def test_detaching_a_disk_added_outside_govbroker_gives_back_nothing_and_ends(
 ) -> None:  # type: ignore[no-untyped-def]
     member = principal_of("a-member")
     job = broker.request(member)
-    row = _row(broker, job.server_id)
+    row = broker.server(job.server_id)
     held = used(broker.db, broker.estate, "a", "storage_gb.hdd")
     # an operator adds a disk at the hypervisor; sync records it (and flags the drift)
     broker.cloud.driver.attach_disk(row.external_id, Disk(50, "hdd"))
     assert sync.sync_provider(broker.db, broker.cloud.provider_id).status == "ok"
-    disk_id = _row(broker, job.server_id).disks[-1]["external_id"]
+    disk_id = broker.server(job.server_id).disks[-1]["external_id"]
     done = broker.act(member, job.server_id, "detach_disk", disk_id=disk_id)
     assert done.state == "succeeded", done.error
     assert done.shrink == {}
@@ -116,7 +108,7 @@ def test_resizing_past_the_approval_threshold_waits_for_the_agency_admin(
     with broker.db.unit_of_work() as s:
         service.decide(s, principal_of("a-admin"), waiting.id, approve=True, reason=None)
     assert executor.run(broker.db, waiting.id) == "succeeded"
-    assert _row(broker, job.server_id).vcpu == 4
+    assert broker.server(job.server_id).vcpu == 4
     # shrinking needs nobody's approval
     assert broker.act(member, job.server_id, "resize", vcpu=1, memory_mb=1024).state == "succeeded"
 
