@@ -17,8 +17,8 @@ def emit(
     kind: LifecycleKind,
     *,
     server_id: uuid.UUID,
-    tenant_id: uuid.UUID,
-    agency_id: uuid.UUID,
+    tenant_id: uuid.UUID | None,
+    agency_id: uuid.UUID | None,
     provider_id: uuid.UUID,
     power_state: str,
     sizes: Mapping[str, int],
@@ -28,7 +28,8 @@ def emit(
     job_id: uuid.UUID | None = None,
     detail: Mapping[str, Any] | None = None,
 ) -> LifecycleEvent:
-    """Record one state change of a managed server, in the caller's transaction."""
+    """Record one state change of a server, in the caller's transaction. Servers no tenant owns
+    (tenant_id None) are metered to the unassigned bucket."""
     event = LifecycleEvent(
         server_id=server_id,
         tenant_id=tenant_id,

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
 
     # run the periodic jobs inside `serve` (the embedded deployment)
     embedded_scheduler: bool = True
+    # how long a scheduler's leadership lease lasts without renewal (SQLite; PostgreSQL holds an
+    # advisory lock for as long as the leader's connection lives)
+    scheduler_lease_seconds: int = Field(default=30, ge=3, le=3600)
+
+    # billing months, contract periods and price-list dates are calendar days of this zone
+    billing_timezone: str = "Asia/Shanghai"
 
     log_json: bool = False
     log_level: str = "INFO"

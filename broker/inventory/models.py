@@ -203,6 +203,10 @@ class Server(SQLModel, table=True):
     )
     # what the ledger holds for this server ({resource class: amount}); empty when unmanaged
     booked: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON(), nullable=False))
+    # the contract (分签) the server is billed under; null: unmanaged, or no contract yet
+    contract_id: uuid.UUID | None = Field(
+        default=None, sa_column=Column(Uuid(), ForeignKey("contract.id"), nullable=True)
+    )
     # {"size": {"before": {...}, "after": {...}}, "owner": {"before": .., "after": ..}} or NULL
     drift: dict[str, Any] | None = Field(
         default=None, sa_column=Column(JSON(none_as_null=True), nullable=True)

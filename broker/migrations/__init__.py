@@ -18,6 +18,7 @@ def all_metadata() -> MetaData:
     import billing.models  # noqa: F401
     import broker.audit.models
     import broker.inventory.models
+    import broker.jobs.models
     import broker.provisioning.models
     import broker.tenancy.models  # noqa: F401
     import quotas.models  # noqa: F401
