@@ -100,6 +100,22 @@ class LifecycleEvent(SQLModel, table=True):
     metered_at: datetime | None = Field(default=None, sa_column=utc_column(True))
 
 
+class ServiceCompany(SQLModel, table=True):
+    """服务商: a company selected centrally to run providers and bill agencies under contract."""
+
+    __tablename__ = "service_company"
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    code: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    name_zh: str = Field(sa_column=Column(String(200), nullable=False))
+    name_en: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
+    # 统一社会信用代码: 18 characters
+    credit_code: str | None = Field(default=None, sa_column=Column(String(18), nullable=True))
+    contact: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
+    created_at: datetime = Field(default_factory=now, sa_column=utc_column())
+    updated_at: datetime = Field(default_factory=now, sa_column=utc_column())
+
+
 class PriceCatalog(SQLModel, table=True):
     """One version of a service company's price list (统一采购), in force [effective_from,
     effective_until). Versions of one company never overlap."""
@@ -118,9 +134,7 @@ class PriceCatalog(SQLModel, table=True):
     effective_from: datetime = Field(sa_column=utc_column())
     effective_until: datetime | None = Field(default=None, sa_column=utc_column(True))
     # whether vCPU and memory keep billing while a server is powered off
-    bill_compute_when_off: bool = Field(
-        default=False, sa_column=Column(Boolean(), nullable=False)
-    )
+    bill_compute_when_off: bool = Field(default=False, sa_column=Column(Boolean(), nullable=False))
     created_at: datetime = Field(default_factory=now, sa_column=utc_column())
     created_by: str = Field(sa_column=Column(String(64), nullable=False))
 
@@ -168,9 +182,13 @@ class Contract(SQLModel, table=True):
     ends_on: date = Field(sa_column=Column(Date(), nullable=False))
     budget_amount: int = Field(sa_column=Column(BigInteger(), nullable=False))
     currency: str = Field(default="CNY", sa_column=Column(String(3), nullable=False))
-    discount_pct: Decimal = Field(default=Decimal(0), sa_column=Column(Numeric(5, 2), nullable=False))
+    discount_pct: Decimal = Field(
+        default=Decimal(0), sa_column=Column(Numeric(5, 2), nullable=False)
+    )
     billing_contact: str | None = Field(default=None, sa_column=Column(String(200)))
-    status: str = Field(default=ContractStatus.active.value, sa_column=Column(String(16), nullable=False))
+    status: str = Field(
+        default=ContractStatus.active.value, sa_column=Column(String(16), nullable=False)
+    )
     created_at: datetime = Field(default_factory=now, sa_column=utc_column())
     updated_at: datetime = Field(default_factory=now, sa_column=utc_column())
 
@@ -252,7 +270,9 @@ class Statement(SQLModel, table=True):
     contract_id: uuid.UUID = Field(sa_column=_fk("contract.id"))
     service_company_id: uuid.UUID = Field(sa_column=_fk("service_company.id"))
     month: str = Field(sa_column=Column(String(7), nullable=False))
-    state: str = Field(default=StatementState.draft.value, sa_column=Column(String(8), nullable=False))
+    state: str = Field(
+        default=StatementState.draft.value, sa_column=Column(String(8), nullable=False)
+    )
     currency: str = Field(default="CNY", sa_column=Column(String(3), nullable=False))
     subtotal_amount: int = Field(sa_column=Column(BigInteger(), nullable=False))
     discount_pct: Decimal = Field(sa_column=Column(Numeric(5, 2), nullable=False))

@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.fixtures.quota",
     "tests.fixtures.inventory",
     "tests.fixtures.provisioning",
+    "tests.fixtures.billing",
     "tests.peers.libvirt",
     "tests.peers.vcsim",
     "tests.peers.openstack",

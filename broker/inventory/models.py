@@ -30,6 +30,8 @@ from sqlalchemy import (
 )
 from sqlmodel import Field, SQLModel
 
+# the service company (服务商) belongs to billing, with its contracts; a provider names its owner
+from billing.models import ServiceCompany  # noqa: F401
 from broker.core.clock import now
 from broker.core.db import utc_column
 from broker.core.ids import new_id
@@ -50,22 +52,6 @@ class SyncStatus(StrEnum):
 
 def _provider_fk() -> Any:
     return Column(Uuid(), ForeignKey("provider.id"), nullable=False)
-
-
-class ServiceCompany(SQLModel, table=True):
-    """服务商: a company selected centrally to run providers and bill agencies under contract."""
-
-    __tablename__ = "service_company"
-
-    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
-    code: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
-    name_zh: str = Field(sa_column=Column(String(200), nullable=False))
-    name_en: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
-    # 统一社会信用代码: 18 characters
-    credit_code: str | None = Field(default=None, sa_column=Column(String(18), nullable=True))
-    contact: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
-    created_at: datetime = Field(default_factory=now, sa_column=utc_column())
-    updated_at: datetime = Field(default_factory=now, sa_column=utc_column())
 
 
 class Provider(SQLModel, table=True):

@@ -1,0 +1,180 @@
+"""The arithmetic of billing, pure: months in the billing time zone, cutting usage at price,
+month and contract boundaries, and turning exact seconds into fen.
+
+The rounding rule, written once: a statement line's amount is
+unit price (fen per unit-hour) × quantity ÷ unit × seconds ÷ 3600, computed exactly (fractions)
+and rounded half up to the fen. Nothing is rounded before the line, so cutting usage anywhere and
+adding the pieces back gives the same line.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from fractions import Fraction
+from functools import cache
+from itertools import pairwise
+from zoneinfo import ZoneInfo
+
+from broker.core.settings import get_settings
+
+HOUR = 3600
+# what a price is per: memory is held in MiB and priced per GiB-hour
+PRICE_UNIT: dict[str, int] = {"memory_mb": 1024}
+# classes a powered-off server stops paying for, unless its price list says otherwise
+COMPUTE_CLASSES = frozenset({"vcpu", "memory_mb"})
+POWERED_OFF_STATES = frozenset({"stopped", "suspended"})
+# counted by quota, not billed: a server is paid for by what it holds
+UNBILLED_CLASSES = frozenset({"instances"})
+
+
+def round_half_up(value: Fraction) -> int:
+    """Round to the nearest integer, halves away from zero."""
+    sign = -1 if value < 0 else 1
+    whole, rest = divmod(abs(value), 1)
+    return sign * int(whole + (1 if rest >= Fraction(1, 2) else 0))
+
+
+def exact_amount(unit_price: Decimal, quantity: int, seconds: int, resource_class: str) -> Fraction:
+    """Fen owed for holding `quantity` for `seconds`, before rounding."""
+    per = PRICE_UNIT.get(resource_class, 1)
+    return Fraction(unit_price) * quantity * seconds / (HOUR * per)
+
+
+def line_amount(unit_price: Decimal, quantity: int, seconds: int, resource_class: str) -> int:
+    return round_half_up(exact_amount(unit_price, quantity, seconds, resource_class))
+
+
+def percent_of(amount: int, pct: Decimal) -> int:
+    """A discount on a subtotal, by the same rounding rule."""
+    return round_half_up(Fraction(amount) * Fraction(pct) / 100)
+
+
+def powered(power_state: str) -> bool:
+    return power_state not in POWERED_OFF_STATES
+
+
+@cache
+def zone(name: str | None = None) -> ZoneInfo:
+    return ZoneInfo(name or get_settings().billing_timezone)
+
+
+def month_of(at: datetime) -> str:
+    local = at.astimezone(zone())
+    return f"{local.year:04d}-{local.month:02d}"
+
+
+def parse_month(month: str) -> tuple[int, int]:
+    """'2026-10' → (2026, 10); ValueError on anything else."""
+    year, sep, mon = month.partition("-")
+    if not sep or len(year) != 4 or len(mon) != 2 or not (year.isdigit() and mon.isdigit()):
+        raise ValueError("a month looks like 2026-10")
+    y, m = int(year), int(mon)
+    if not 1 <= m <= 12 or y < 2000:
+        raise ValueError("a month looks like 2026-10")
+    return y, m
+
+
+def local_midnight(day: date) -> datetime:
+    """The instant a calendar day of the billing zone begins, in UTC."""
+    return datetime(day.year, day.month, day.day, tzinfo=zone()).astimezone(UTC)
+
+
+def month_bounds(month: str) -> tuple[datetime, datetime]:
+    y, m = parse_month(month)
+    nxt = date(y + m // 12, m % 12 + 1, 1)
+    return local_midnight(date(y, m, 1)), local_midnight(nxt)
+
+
+def month_starts_between(start: datetime, end: datetime) -> list[datetime]:
+    """Month boundaries strictly inside (start, end)."""
+    out: list[datetime] = []
+    cursor = month_bounds(month_of(start))[1]
+    while cursor < end:
+        out.append(cursor)
+        cursor = month_bounds(month_of(cursor))[1]
+    return out
+
+
+def floor_hour(at: datetime) -> datetime:
+    at = at.astimezone(UTC)
+    return at.replace(minute=0, second=0, microsecond=0)
+
+
+@dataclass(frozen=True)
+class PriceWindow:
+    """One price-list item in force over [start, end) (end None: until further notice)."""
+
+    item_id: uuid.UUID
+    unit_price: Decimal
+    start: datetime
+    end: datetime | None
+    bill_compute_when_off: bool
+
+    def covers(self, at: datetime) -> bool:
+        return self.start <= at and (self.end is None or at < self.end)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A piece of an interval that is rated one way."""
+
+    start: datetime
+    end: datetime
+    month: str
+    price: PriceWindow
+    in_contract: bool
+
+    @property
+    def seconds(self) -> int:
+        return int((self.end - self.start).total_seconds())
+
+
+def cut(
+    start: datetime,
+    end: datetime,
+    *,
+    resource_class: str,
+    is_powered: bool,
+    prices: Sequence[PriceWindow],
+    contract: tuple[datetime, datetime] | None,
+) -> list[Cut]:
+    """Cut [start, end) at month starts, price changes and the contract's period; drop the
+    pieces nothing prices (no price in force, or compute while powered off unless the price list
+    bills it). Neighbouring pieces rated alike are merged."""
+    if end <= start or resource_class in UNBILLED_CLASSES:
+        return []
+    marks: set[datetime] = {start, end, *month_starts_between(start, end)}
+    for p in prices:
+        marks.update(t for t in (p.start, p.end) if t is not None and start < t < end)
+    if contract is not None:
+        marks.update(t for t in contract if start < t < end)
+    points = sorted(marks)
+    out: list[Cut] = []
+    for a, b in pairwise(points):
+        price = next((p for p in prices if p.covers(a)), None)
+        if price is None:
+            continue
+        if resource_class in COMPUTE_CLASSES and not is_powered and not price.bill_compute_when_off:
+            continue
+        inside = contract is not None and contract[0] <= a < contract[1]
+        piece = Cut(a, b, month_of(a), price, inside)
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and last.end == a
+            and (last.month, last.price, last.in_contract) == (piece.month, price, inside)
+        ):
+            out[-1] = Cut(last.start, b, last.month, price, inside)
+        else:
+            out.append(piece)
+    return out
+
+
+def contract_window(starts_on: date, ends_on: date) -> tuple[datetime, datetime]:
+    """A contract's period as instants: from its first day's midnight to the midnight after its
+    last day."""
+    return local_midnight(starts_on), local_midnight(ends_on + timedelta(days=1))

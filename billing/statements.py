@@ -1,0 +1,765 @@
+"""Monthly statements per agency and contract: generated from rated usage, finalized once
+(immutable, with a content hash), corrected only by credit and debit notes.
+
+`compute_lines` and `compute_totals` are the pure part; everything else reads and writes around
+them. The rounding rule is billing.rating's: exact until the line, half up to the fen there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import String, Uuid, column, delete, func, insert, or_, table
+from sqlalchemy import select as sa_select
+from sqlmodel import Session, col, select
+
+from billing import metering, rating
+from billing.models import (
+    Adjustment,
+    AdjustmentState,
+    BudgetAlert,
+    Contract,
+    PriceItem,
+    RatedUsage,
+    Statement,
+    StatementLine,
+    StatementState,
+)
+from billing.prices import require_center
+from billing.schemas import AdjustmentCreate
+from broker.audit import service as audit
+from broker.core import clock
+from broker.core.authz import Principal
+from broker.core.errors import Conflict, Forbidden, Invalid, NotFound
+from broker.tenancy import service as tenancy
+from broker.tenancy.authz import authorize
+from broker.tenancy.models import Tenant
+
+READ = "billing.read"
+EXPORT = "billing.export"
+MANAGE = "statement.manage"
+BUDGET_THRESHOLDS = (80, 100)
+# server names for statement lines, read by name: billing sits below the inventory
+_SERVER = table("server", column("id", Uuid()), column("name", String()))
+_KIND_ORDER = {"usage": 0, "cap": 1, "minimum": 2}
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Rated seconds of one server and class at one quantity and price, summed over a month."""
+
+    server_id: uuid.UUID
+    server_name: str
+    tenant_id: uuid.UUID | None
+    resource_class: str
+    quantity: int
+    unit_price: Decimal
+    price_item_id: uuid.UUID
+    seconds: int
+
+
+@dataclass(frozen=True)
+class Line:
+    kind: str
+    server_id: uuid.UUID
+    server_name: str
+    tenant_id: uuid.UUID | None
+    resource_class: str
+    quantity: int
+    seconds: int
+    unit_price: Decimal
+    amount: int
+
+
+def compute_lines(
+    usage: Iterable[Usage], limits: Mapping[uuid.UUID, tuple[int | None, int | None]]
+) -> list[Line]:
+    """One line per usage row, then per server and price item a cap line (negative) bringing
+    the month down to the monthly cap, or a minimum line topping it up to the monthly minimum.
+    Ordered by server, class, price, quantity: the order is part of the content hash."""
+    lines: list[Line] = []
+    per_item: dict[tuple[uuid.UUID, uuid.UUID], list[Line]] = defaultdict(list)
+    for u in usage:
+        line = Line(
+            "usage",
+            u.server_id,
+            u.server_name,
+            u.tenant_id,
+            u.resource_class,
+            u.quantity,
+            u.seconds,
+            u.unit_price,
+            rating.line_amount(u.unit_price, u.quantity, u.seconds, u.resource_class),
+        )
+        lines.append(line)
+        per_item[(u.server_id, u.price_item_id)].append(line)
+    for (_, item_id), group in per_item.items():
+        cap, minimum = limits.get(item_id, (None, None))
+        month_amount = sum(g.amount for g in group)
+        first = group[0]
+        extra: tuple[str, int] | None = None
+        if cap is not None and month_amount > cap:
+            extra = ("cap", cap - month_amount)
+        elif minimum is not None and month_amount < minimum:
+            extra = ("minimum", minimum - month_amount)
+        if extra is not None:
+            lines.append(
+                Line(
+                    extra[0],
+                    first.server_id,
+                    first.server_name,
+                    first.tenant_id,
+                    first.resource_class,
+                    0,
+                    sum(g.seconds for g in group),
+                    first.unit_price,
+                    extra[1],
+                )
+            )
+    lines.sort(
+        key=lambda ln: (
+            ln.server_name,
+            str(ln.server_id),
+            ln.resource_class,
+            ln.unit_price,
+            _KIND_ORDER[ln.kind],
+            ln.quantity,
+        )
+    )
+    return lines
+
+
+def compute_totals(lines: Sequence[Line], discount_pct: Decimal) -> tuple[int, int, int]:
+    """(subtotal, discount, total) in fen: the discount is rounded once, on the subtotal."""
+    subtotal = sum(ln.amount for ln in lines)
+    discount = rating.percent_of(subtotal, discount_pct)
+    return subtotal, discount, subtotal - discount
+
+
+def content_hash(header: Mapping[str, Any], lines: Sequence[Line]) -> str:
+    """SHA-256 of the statement's canonical JSON: what a finalized statement promises."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Decimal):
+            return format(v.normalize(), "f")
+        if isinstance(v, uuid.UUID):
+            return str(v)
+        return v
+
+    body = {
+        "header": {k: plain(v) for k, v in sorted(header.items())},
+        "lines": [[plain(v) for v in asdict(ln).values()] for ln in lines],
+    }
+    blob = json.dumps(body, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _header(contract: Contract, month: str, totals: tuple[int, int, int]) -> dict[str, Any]:
+    return {
+        "agency_id": contract.agency_id,
+        "contract_id": contract.id,
+        "contract_number": contract.number,
+        "service_company_id": contract.service_company_id,
+        "month": month,
+        "currency": contract.currency,
+        "discount_pct": contract.discount_pct,
+        "subtotal_amount": totals[0],
+        "discount_amount": totals[1],
+        "total_amount": totals[2],
+    }
+
+
+def _month(month: str, now: datetime) -> tuple[datetime, datetime]:
+    try:
+        start, end = rating.month_bounds(month)
+    except ValueError as exc:
+        raise Invalid.field("month", str(exc)) from exc
+    if start > now:
+        raise Invalid.field("month", f"{month} has not begun", "future")
+    return start, end
+
+
+def _usage(
+    session: Session, month: str, contract_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[Usage]]:
+    seconds = func.sum(RatedUsage.seconds)
+    rows = session.execute(
+        sa_select(
+            col(RatedUsage.contract_id),
+            col(RatedUsage.server_id),
+            _SERVER.c.name,
+            col(RatedUsage.tenant_id),
+            col(RatedUsage.resource_class),
+            col(RatedUsage.quantity),
+            col(RatedUsage.unit_price),
+            col(RatedUsage.price_item_id),
+            seconds,
+        )
+        .join(_SERVER, _SERVER.c.id == col(RatedUsage.server_id))
+        .where(
+            col(RatedUsage.month) == month,
+            col(RatedUsage.in_contract).is_(True),
+            col(RatedUsage.contract_id).in_(contract_ids),
+        )
+        .group_by(
+            col(RatedUsage.contract_id),
+            col(RatedUsage.server_id),
+            _SERVER.c.name,
+            col(RatedUsage.tenant_id),
+            col(RatedUsage.resource_class),
+            col(RatedUsage.quantity),
+            col(RatedUsage.unit_price),
+            col(RatedUsage.price_item_id),
+        )
+    ).all()
+    out: dict[uuid.UUID, list[Usage]] = defaultdict(list)
+    for cid, sid, name, tid, cls, qty, price, item, secs in rows:
+        out[cid].append(Usage(sid, name, tid, cls, int(qty), Decimal(price), item, int(secs)))
+    return out
+
+
+def _limits(session: Session) -> dict[uuid.UUID, tuple[int | None, int | None]]:
+    rows = session.execute(
+        sa_select(
+            col(PriceItem.id), col(PriceItem.monthly_cap_amount), col(PriceItem.monthly_min_amount)
+        ).where(
+            or_(
+                col(PriceItem.monthly_cap_amount).is_not(None),
+                col(PriceItem.monthly_min_amount).is_not(None),
+            )
+        )
+    ).all()
+    return {i: (cap, mn) for i, cap, mn in rows}
+
+
+def _contracts_in(
+    session: Session,
+    month: str,
+    agency_id: uuid.UUID | None,
+    contract_id: uuid.UUID | None,
+) -> list[Contract]:
+    start, end = rating.month_bounds(month)
+    first_day = start.astimezone(rating.zone()).date()
+    last_day = (end.astimezone(rating.zone())).date()
+    stmt = (
+        select(Contract)
+        .where(col(Contract.starts_on) < last_day, col(Contract.ends_on) >= first_day)
+        .order_by(col(Contract.number))
+    )
+    if agency_id is not None:
+        if session.get(Tenant, agency_id) is None:
+            raise NotFound(f"agency {agency_id} not found")
+        stmt = stmt.where(Contract.agency_id == agency_id)
+    if contract_id is not None:
+        if session.get(Contract, contract_id) is None:
+            raise NotFound(f"contract {contract_id} not found")
+        stmt = stmt.where(Contract.id == contract_id)
+    return list(session.execute(stmt).scalars())
+
+
+def generate(
+    session: Session,
+    principal: Principal,
+    *,
+    month: str,
+    agency_id: uuid.UUID | None = None,
+    contract_id: uuid.UUID | None = None,
+) -> list[Statement]:
+    """Draft (or redraft) the month's statements of every contract in force that month, after
+    metering and rating everything up to the month's end. Finalized statements are left as
+    they are; regenerating one only checks that its content still hashes the same."""
+    require_center(session, principal, MANAGE)
+    now = clock.now()
+    _, end = _month(month, now)
+    metering.catch_up(session, until=min(end, now))
+    contracts = _contracts_in(session, month, agency_id, contract_id)
+    if not contracts:
+        return []
+    ids = [c.id for c in contracts]
+    usage = _usage(session, month, ids)
+    limits = _limits(session)
+    existing = {
+        s.contract_id: s
+        for s in session.execute(
+            select(Statement)
+            .where(Statement.month == month, col(Statement.contract_id).in_(ids))
+            .with_for_update()
+        ).scalars()
+    }
+    redrafted = [s.id for s in existing.values() if s.state == StatementState.draft]
+    if redrafted:
+        session.execute(delete(StatementLine).where(col(StatementLine.statement_id).in_(redrafted)))
+    out: list[Statement] = []
+    new_lines: list[dict[str, Any]] = []
+    for contract in contracts:
+        lines = compute_lines(usage.get(contract.id, []), limits)
+        totals = compute_totals(lines, contract.discount_pct)
+        statement = existing.get(contract.id)
+        if statement is not None and statement.state == StatementState.final:
+            digest = content_hash(_header(contract, month, totals), lines)
+            if digest != statement.content_hash:
+                audit.record(
+                    session,
+                    principal,
+                    "statement.mismatch",
+                    tenant=session.get(Tenant, contract.agency_id),
+                    target_type="statement",
+                    target_id=statement.id,
+                    before={"content_hash": statement.content_hash},
+                    after={"content_hash": digest},
+                )
+            out.append(statement)
+            continue
+        if statement is None:
+            statement = Statement(
+                agency_id=contract.agency_id,
+                contract_id=contract.id,
+                service_company_id=contract.service_company_id,
+                month=month,
+                currency=contract.currency,
+                subtotal_amount=0,
+                discount_pct=contract.discount_pct,
+                discount_amount=0,
+                total_amount=0,
+                line_count=0,
+                generated_by=principal.username[:64],
+            )
+        statement.subtotal_amount, statement.discount_amount, statement.total_amount = totals
+        statement.discount_pct = contract.discount_pct
+        statement.line_count = len(lines)
+        statement.generated_at = now
+        statement.generated_by = principal.username[:64]
+        session.add(statement)
+        session.flush()
+        new_lines.extend(
+            {"id": uuid.uuid4(), "statement_id": statement.id, "position": i, **asdict(ln)}
+            for i, ln in enumerate(lines, 1)
+        )
+        out.append(statement)
+    if new_lines:
+        session.connection().execute(insert(StatementLine.__table__), new_lines)  # type: ignore[attr-defined]
+    audit.record(
+        session,
+        principal,
+        "statement.generate",
+        tenant=tenancy.get_center(session),
+        target_type="statement_month",
+        target_id=month,
+        after={
+            "statements": len(out),
+            "agency_id": agency_id,
+            "contract_id": contract_id,
+            "total_amount": sum(s.total_amount for s in out),
+        },
+    )
+    for contract in contracts:
+        check_budget(session, contract)
+    return out
+
+
+def lines_of(session: Session, statement_id: uuid.UUID) -> list[StatementLine]:
+    return list(
+        session.execute(
+            select(StatementLine)
+            .where(StatementLine.statement_id == statement_id)
+            .order_by(col(StatementLine.position))
+        ).scalars()
+    )
+
+
+def _as_line(row: StatementLine) -> Line:
+    return Line(
+        row.kind,
+        row.server_id,
+        row.server_name,
+        row.tenant_id,
+        row.resource_class,
+        row.quantity,
+        row.seconds,
+        Decimal(row.unit_price),
+        row.amount,
+    )
+
+
+def _load(
+    session: Session,
+    principal: Principal,
+    statement_id: uuid.UUID,
+    action: str,
+    *,
+    lock: bool = False,
+) -> Statement:
+    statement = session.get(Statement, statement_id, with_for_update=lock or None)
+    if statement is None:
+        raise NotFound(f"statement {statement_id} not found")
+    agency = session.get(Tenant, statement.agency_id)
+    assert agency is not None
+    authorize(principal, action, agency, subject=f"statement {statement_id}")
+    return statement
+
+
+def get_statement(session: Session, principal: Principal, statement_id: uuid.UUID) -> Statement:
+    return _load(session, principal, statement_id, READ)
+
+
+def finalize(session: Session, principal: Principal, statement_id: uuid.UUID) -> Statement:
+    """Redraft from the complete month, then freeze: state final, content hash stored."""
+    statement = _load(session, principal, statement_id, READ, lock=True)
+    require_center(session, principal, MANAGE)
+    if statement.state == StatementState.final:
+        raise Conflict(f"statement {statement.id} is already finalized")
+    _, end = rating.month_bounds(statement.month)
+    if end > clock.now():
+        raise Conflict(
+            f"{statement.month} is not over yet: a statement is finalized after its month"
+        )
+    generate(session, principal, month=statement.month, contract_id=statement.contract_id)
+    session.refresh(statement)
+    contract = session.get(Contract, statement.contract_id)
+    assert contract is not None
+    lines = [_as_line(r) for r in lines_of(session, statement.id)]
+    totals = (statement.subtotal_amount, statement.discount_amount, statement.total_amount)
+    statement.content_hash = content_hash(_header(contract, statement.month, totals), lines)
+    statement.state = StatementState.final.value
+    statement.finalized_at = clock.now()
+    statement.finalized_by = principal.username[:64]
+    session.add(statement)
+    session.flush()
+    audit.record(
+        session,
+        principal,
+        "statement.finalize",
+        tenant=session.get(Tenant, statement.agency_id),
+        target_type="statement",
+        target_id=statement.id,
+        after={
+            "month": statement.month,
+            "contract": contract.number,
+            "total_amount": statement.total_amount,
+            "content_hash": statement.content_hash,
+        },
+    )
+    return statement
+
+
+def recompute_hash(session: Session, statement: Statement) -> str:
+    """What the statement's hash is when recomputed from fresh rating (finalized or not)."""
+    contract = session.get(Contract, statement.contract_id)
+    assert contract is not None
+    lines = compute_lines(
+        _usage(session, statement.month, [contract.id]).get(contract.id, []), _limits(session)
+    )
+    totals = compute_totals(lines, contract.discount_pct)
+    return content_hash(_header(contract, statement.month, totals), lines)
+
+
+def propose_adjustment(
+    session: Session, principal: Principal, statement_id: uuid.UUID, data: AdjustmentCreate
+) -> Adjustment:
+    statement = _load(session, principal, statement_id, READ, lock=True)
+    require_center(session, principal, MANAGE)
+    if statement.state != StatementState.final:
+        raise Conflict(
+            "adjustments apply to finalized statements; a draft is corrected by regenerating it"
+        )
+    note = Adjustment(
+        statement_id=statement.id,
+        kind=data.kind,
+        amount=data.amount,
+        reason=data.reason,
+        requested_by=principal.username[:64],
+    )
+    session.add(note)
+    session.flush()
+    audit.record(
+        session,
+        principal,
+        "adjustment.propose",
+        tenant=session.get(Tenant, statement.agency_id),
+        target_type="adjustment",
+        target_id=note.id,
+        after={"statement": str(statement.id), "kind": note.kind, "amount": note.amount},
+    )
+    return note
+
+
+def decide_adjustment(
+    session: Session, principal: Principal, adjustment_id: uuid.UUID, *, approve: bool
+) -> Adjustment:
+    note = session.get(Adjustment, adjustment_id, with_for_update=True)
+    if note is None:
+        raise NotFound(f"adjustment {adjustment_id} not found")
+    statement = _load(session, principal, note.statement_id, READ)
+    require_center(session, principal, MANAGE)
+    if note.state != AdjustmentState.proposed:
+        raise Conflict(f"adjustment {note.id} is already {note.state}")
+    if note.requested_by == principal.username:
+        raise Forbidden("a credit or debit note needs a second person: you proposed this one")
+    note.state = (AdjustmentState.approved if approve else AdjustmentState.rejected).value
+    note.decided_by = principal.username[:64]
+    note.decided_at = clock.now()
+    session.add(note)
+    session.flush()
+    audit.record(
+        session,
+        principal,
+        "adjustment.approve" if approve else "adjustment.reject",
+        tenant=session.get(Tenant, statement.agency_id),
+        target_type="adjustment",
+        target_id=note.id,
+        before={"state": AdjustmentState.proposed.value},
+        after={"state": note.state, "kind": note.kind, "amount": note.amount},
+    )
+    contract = session.get(Contract, statement.contract_id)
+    if contract is not None:
+        check_budget(session, contract)
+    return note
+
+
+def adjustments_of(session: Session, statement_ids: Sequence[uuid.UUID]) -> list[Adjustment]:
+    return list(
+        session.execute(
+            select(Adjustment)
+            .where(col(Adjustment.statement_id).in_(statement_ids))
+            .order_by(col(Adjustment.requested_at), col(Adjustment.id))
+        ).scalars()
+    )
+
+
+def adjusted_total(statement: Statement, notes: Iterable[Adjustment]) -> int:
+    total = statement.total_amount
+    for n in notes:
+        if n.statement_id == statement.id and n.state == AdjustmentState.approved:
+            total += n.amount if n.kind == "debit" else -n.amount
+    return total
+
+
+def list_statements(
+    session: Session,
+    principal: Principal,
+    *,
+    month: str | None = None,
+    agency_id: uuid.UUID | None = None,
+    contract_id: uuid.UUID | None = None,
+    state: str | None = None,
+) -> list[Statement]:
+    prefixes = principal.prefixes(READ)
+    if not prefixes:
+        return []
+    stmt = (
+        select(Statement)
+        .join(Tenant, col(Tenant.id) == col(Statement.agency_id))
+        .where(or_(*[col(Tenant.path).startswith(p) for p in prefixes]))
+        .order_by(col(Statement.month).desc(), col(Tenant.code), col(Statement.contract_id))
+    )
+    for column_, value in (
+        (Statement.month, month),
+        (Statement.agency_id, agency_id),
+        (Statement.contract_id, contract_id),
+        (Statement.state, state),
+    ):
+        if value is not None:
+            stmt = stmt.where(column_ == value)
+    return list(session.execute(stmt).scalars())
+
+
+def contract_spend(session: Session, contract_id: uuid.UUID) -> int:
+    """Everything billed under a contract: statements (drafts included, so the burn-down moves
+    during the month) plus approved debit notes minus approved credit notes."""
+    statements = list(
+        session.execute(select(Statement).where(Statement.contract_id == contract_id)).scalars()
+    )
+    notes = adjustments_of(session, [s.id for s in statements]) if statements else []
+    return sum(adjusted_total(s, notes) for s in statements)
+
+
+def check_budget(session: Session, contract: Contract) -> list[BudgetAlert]:
+    """Record (once each) that spend crossed 80 % and 100 % of the contract's budget."""
+    if contract.budget_amount <= 0:
+        return []
+    spent = contract_spend(session, contract.id)
+    have = set(
+        session.execute(
+            select(BudgetAlert.threshold_pct).where(BudgetAlert.contract_id == contract.id)
+        ).scalars()
+    )
+    raised: list[BudgetAlert] = []
+    for pct in BUDGET_THRESHOLDS:
+        if pct in have or spent * 100 < contract.budget_amount * pct:
+            continue
+        alert = BudgetAlert(
+            contract_id=contract.id,
+            threshold_pct=pct,
+            spent_amount=spent,
+            budget_amount=contract.budget_amount,
+        )
+        session.add(alert)
+        raised.append(alert)
+        audit.record(
+            session,
+            Principal.system("billing"),
+            f"contract.budget_{pct}",
+            tenant=session.get(Tenant, contract.agency_id),
+            target_type="contract",
+            target_id=contract.id,
+            after={"spent_amount": spent, "budget_amount": contract.budget_amount},
+        )
+    if raised:
+        session.flush()
+    return raised
+
+
+def burndown(session: Session, principal: Principal, contract: Contract) -> dict[str, Any]:
+    """The contract's budget against what has been billed, month by month."""
+    statements = list(
+        session.execute(
+            select(Statement)
+            .where(Statement.contract_id == contract.id)
+            .order_by(col(Statement.month))
+        ).scalars()
+    )
+    notes = adjustments_of(session, [s.id for s in statements]) if statements else []
+    months = []
+    running = 0
+    for s in statements:
+        billed = adjusted_total(s, notes)
+        running += billed
+        months.append(
+            {"month": s.month, "state": s.state, "amount": billed, "cumulative_amount": running}
+        )
+    alerts = session.execute(
+        select(BudgetAlert)
+        .where(BudgetAlert.contract_id == contract.id)
+        .order_by(col(BudgetAlert.threshold_pct))
+    ).scalars()
+    budget = contract.budget_amount
+    return {
+        "contract_id": contract.id,
+        "number": contract.number,
+        "budget_amount": budget,
+        "spent_amount": running,
+        "remaining_amount": budget - running,
+        "spent_pct": (
+            str((Decimal(running) * 100 / Decimal(budget)).quantize(Decimal("0.01")))
+            if budget
+            else None
+        ),
+        "months": months,
+        "alerts": [
+            {"threshold_pct": a.threshold_pct, "spent_amount": a.spent_amount, "at": a.at}
+            for a in alerts
+        ],
+    }
+
+
+def spend(
+    session: Session, principal: Principal, *, month_from: str | None, month_to: str | None
+) -> list[dict[str, Any]]:
+    """The center's view: billed amounts by agency × service company × month."""
+    require_center(session, principal, READ)
+    stmt = sa_select(
+        col(Statement.agency_id),
+        col(Statement.service_company_id),
+        col(Statement.month),
+        func.count(),
+        func.sum(Statement.total_amount),
+    ).group_by(col(Statement.agency_id), col(Statement.service_company_id), col(Statement.month))
+    for bound, op in ((month_from, "ge"), (month_to, "le")):
+        if bound is not None:
+            try:
+                rating.parse_month(bound)
+            except ValueError as exc:
+                raise Invalid.field("month_from" if op == "ge" else "month_to", str(exc)) from exc
+            stmt = stmt.where(
+                col(Statement.month) >= bound if op == "ge" else col(Statement.month) <= bound
+            )
+    rows = session.execute(stmt.order_by(col(Statement.month), col(Statement.agency_id))).all()
+    return [
+        {
+            "agency_id": a,
+            "service_company_id": c,
+            "month": m,
+            "statements": int(n),
+            "total_amount": int(t or 0),
+        }
+        for a, c, m, n, t in rows
+    ]
+
+
+def unassigned(session: Session, principal: Principal, *, month: str) -> list[dict[str, Any]]:
+    """Usage billed to no contract (servers nobody owns, time outside a contract's period),
+    rated at the provider's company's prices: the center's to chase."""
+    require_center(session, principal, READ)
+    try:
+        rating.parse_month(month)
+    except ValueError as exc:
+        raise Invalid.field("month", str(exc)) from exc
+    seconds = func.sum(RatedUsage.seconds)
+    rows = session.execute(
+        sa_select(
+            col(RatedUsage.server_id),
+            _SERVER.c.name,
+            col(RatedUsage.provider_id),
+            col(RatedUsage.service_company_id),
+            col(RatedUsage.agency_id),
+            col(RatedUsage.resource_class),
+            col(RatedUsage.quantity),
+            col(RatedUsage.unit_price),
+            seconds,
+        )
+        .join(_SERVER, _SERVER.c.id == col(RatedUsage.server_id))
+        .where(col(RatedUsage.month) == month, col(RatedUsage.in_contract).is_(False))
+        .group_by(
+            col(RatedUsage.server_id),
+            _SERVER.c.name,
+            col(RatedUsage.provider_id),
+            col(RatedUsage.service_company_id),
+            col(RatedUsage.agency_id),
+            col(RatedUsage.resource_class),
+            col(RatedUsage.quantity),
+            col(RatedUsage.unit_price),
+        )
+        .order_by(_SERVER.c.name, RatedUsage.resource_class)
+    ).all()
+    return [
+        {
+            "server_id": sid,
+            "server_name": name,
+            "provider_id": pid,
+            "service_company_id": cid,
+            "agency_id": aid,
+            "resource_class": cls,
+            "quantity": int(qty),
+            "seconds": int(secs),
+            "unit_price": Decimal(price),
+            "amount": rating.line_amount(Decimal(price), int(qty), int(secs), cls),
+        }
+        for sid, name, pid, cid, aid, cls, qty, price, secs in rows
+    ]
+
+
+def generate_due(session: Session) -> int:
+    """The scheduler's monthly run: draft last month's statements for contracts that have
+    none yet (on the 1st, or the first run after downtime)."""
+    now = clock.now()
+    this_start, _ = rating.month_bounds(rating.month_of(now))
+    previous = rating.month_of(this_start - timedelta(seconds=1))
+    contracts = _contracts_in(session, previous, None, None)
+    have = set(
+        session.execute(select(Statement.contract_id).where(Statement.month == previous)).scalars()
+    )
+    missing = [c.id for c in contracts if c.id not in have]
+    done = 0
+    for cid in missing:
+        done += len(
+            generate(session, Principal.system("statements"), month=previous, contract_id=cid)
+        )
+    return done
