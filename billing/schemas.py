@@ -178,3 +178,48 @@ class StatementDetail(StatementPublic):
     adjustments: list[AdjustmentPublic]
     # total plus approved debits minus approved credits
     adjusted_total_amount: int
+
+
+class BurndownMonth(BaseModel):
+    month: str
+    state: str
+    amount: int
+    cumulative_amount: int
+
+
+class BudgetAlertPublic(BaseModel):
+    threshold_pct: int
+    spent_amount: int
+    at: datetime
+
+
+class BurndownPublic(BaseModel):
+    contract_id: uuid.UUID
+    number: str
+    budget_amount: int
+    spent_amount: int
+    remaining_amount: int
+    spent_pct: str | None
+    months: list[BurndownMonth]
+    alerts: list[BudgetAlertPublic]
+
+
+class SpendRow(BaseModel):
+    agency_id: uuid.UUID
+    service_company_id: uuid.UUID
+    month: str
+    statements: int
+    total_amount: int
+
+
+class UnassignedRow(BaseModel):
+    server_id: uuid.UUID
+    server_name: str
+    provider_id: uuid.UUID
+    service_company_id: uuid.UUID
+    agency_id: uuid.UUID | None
+    resource_class: str
+    quantity: int
+    seconds: int
+    unit_price: Decimal
+    amount: int

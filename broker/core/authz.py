@@ -42,10 +42,12 @@ ROLE_ACTIONS: dict[Role, frozenset[str]] = {
             "server.manage",
             "server.approve",
             "billing.read",
+            "billing.export",
         }
     ),
     Role.member: frozenset(_READ_COMMON | {"user.read", "server.read", "server.manage"}),
-    Role.finance: frozenset(_READ_COMMON | {"billing.read", "billing.export"}),
+    # statements are drafted, finalized and adjusted by finance at the center (checked there)
+    Role.finance: frozenset(_READ_COMMON | {"billing.read", "billing.export", "statement.manage"}),
     Role.auditor: frozenset(
         _READ_COMMON
         | {

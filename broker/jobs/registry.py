@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import structlog
 from sqlmodel import Session
 
+from billing import metering, statements
 from broker.core.db import SessionSource
 from broker.inventory import sync
 from broker.provisioning import executor
@@ -39,6 +40,12 @@ def sync_due_providers(db: SessionSource) -> int:
     """Sync each enabled provider whose interval has passed; each in its own units of work,
     because reading a provider must not hold a transaction open."""
     return len(sync.sync_all(db, trigger="schedule", only_due=True))
+
+
+def meter_usage(db: SessionSource) -> int:
+    """Turn lifecycle events into usage intervals and rate elapsed time up to the last hour;
+    after downtime the same pass catches up on every hour missed."""
+    return metering.run(db).total()
 
 
 def reconcile_jobs(db: SessionSource) -> int:
@@ -72,6 +79,18 @@ JOBS: dict[str, Job] = {
             reconcile_jobs,
             60,
             "finish or roll back provisioning jobs stuck after a crash, by asking the provider",
+        ),
+        Job(
+            "metering",
+            meter_usage,
+            3600,
+            "meter lifecycle events into usage intervals and rate each elapsed hour once",
+        ),
+        Job(
+            "monthly-statements",
+            in_one_unit_of_work(statements.generate_due),
+            3600,
+            "draft last month's statement of every contract that has none (on the 1st)",
         ),
         Job(
             "idempotency-purge",
