@@ -288,6 +288,47 @@ def jobs_list() -> None:
         typer.echo(f"{job.name:<24} every {job.every_seconds:>5}s  {job.description}")
 
 
+@app.command("scheduler")
+def run_scheduler(
+    once: Annotated[
+        bool, typer.Option("--once", help="run every job once if no other scheduler leads; exit")
+    ] = False,
+) -> None:
+    """Run the periodic jobs until SIGTERM/SIGINT; of all schedulers on one database (this
+    command and `serve` with the embedded scheduler) only the elected leader runs them."""
+    from broker.core.logging import configure_logging
+    from broker.jobs import scheduler as jobs
+    from broker.jobs.leader import holder_id, leadership_for
+
+    configure_logging()
+    db = _database()
+    try:
+        at_head = migrations.is_at_head(db.engine)
+    except OperationalError as exc:
+        raise _fail(f"database unreachable: {exc.orig}") from exc
+    if not at_head:
+        raise _fail("the database schema is not at the newest revision; run `govbroker migrate`")
+    holder = holder_id()
+
+    def announce(leading: bool) -> None:
+        typer.echo(f"scheduler {holder}: {'leading' if leading else 'not leading'}")
+
+    leadership = leadership_for(db.engine, holder=holder, on_change=announce)
+    if once:
+        done = jobs.run_once(db, leadership)
+        if done is None:
+            announce(False)
+            return
+        for name, processed in done.items():
+            typer.echo(f"{name}: {processed} processed")
+        return
+    if not leadership.acquire():
+        # gaining leadership announces itself; following is said once here, then on each loss
+        announce(False)
+    jobs.run_until_stopped(db, leadership)
+    typer.echo(f"scheduler {holder}: stopped")
+
+
 def _stage_ticker(bar: Any) -> Any:
     """A sync progress callback that moves the bar one step per stage (hosts, storage, ...)."""
     stages: set[str] = set()

@@ -64,8 +64,9 @@ class Settings(BaseSettings):
 
     # run the periodic jobs inside `serve` (the embedded deployment)
     embedded_scheduler: bool = True
-    # how long a scheduler's leadership lease lasts without renewal (SQLite; PostgreSQL holds an
-    # advisory lock for as long as the leader's connection lives)
+    # how long a scheduler's leadership lease lasts without renewal on SQLite; on PostgreSQL (an
+    # advisory lock held by the leader's connection) it sets how often schedulers check, a third
+    # of it, and how soon a dead leader's connection is noticed
     scheduler_lease_seconds: int = Field(default=30, ge=3, le=3600)
 
     # billing months, contract periods and price-list dates are calendar days of this zone

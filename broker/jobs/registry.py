@@ -1,5 +1,6 @@
-"""The periodic jobs and how often they run. Each job is one unit of work, safe to run twice and
-safe to run on several replicas at once (leader election arrives with the scheduler process)."""
+"""The periodic jobs and how often they run. Only the elected leader runs them (broker/jobs/leader),
+yet each job stays safe to run twice: a leader cut off from the database may finish a run after
+its successor has started one."""
 
 from __future__ import annotations
 
