@@ -12,6 +12,7 @@ from api.deps import SessionSource
 from api.middleware import Metrics, RequestContextMiddleware
 from api.routers import (
     audit,
+    billing,
     health,
     identity,
     inventory,
@@ -75,6 +76,7 @@ def create_app(db: SessionSource | None = None, jobs: JobRunner | None = None) -
         audit,
         inventory,
         provisioning,
+        billing,
     ):
         app.include_router(module.router)
     app.include_router(quotas.requests_router)

@@ -24,6 +24,8 @@ quota_app = typer.Typer(no_args_is_help=True, help="Quota limits and usage")
 app.add_typer(quota_app, name="quota")
 jobs_app = typer.Typer(no_args_is_help=True, help="Periodic jobs")
 app.add_typer(jobs_app, name="jobs")
+statements_app = typer.Typer(no_args_is_help=True, help="Monthly billing statements (统采分签)")
+app.add_typer(statements_app, name="statements")
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -443,6 +445,100 @@ def demo(
         settings.session_secret()
         settings.fernet_keys()
         _run_server(settings.host, settings.port, 1)
+
+
+MonthOpt = Annotated[str, typer.Option("--month", help="billing month, e.g. 2026-10")]
+AgencyOpt = Annotated[str | None, typer.Option("--agency", help="agency code; default: all")]
+
+
+def _statements_of(session: Any, month: str, agency: str | None) -> tuple[Any, list[Any]]:
+    from billing import statements
+
+    target = _tenant_by_code(session, agency) if agency else None
+    rows = statements.list_statements(
+        session,
+        Principal.system("cli"),
+        month=month,
+        agency_id=target.id if target is not None else None,
+    )
+    return target, rows
+
+
+@statements_app.command("generate")
+def statements_generate(month: MonthOpt, agency: AgencyOpt = None) -> None:
+    """Meter and rate up to the month's end, then draft (or redraft) its statements; finalized
+    ones stay as they are."""
+    from billing import statements
+
+    db = _database()
+    try:
+        with db.unit_of_work() as session:
+            target = _tenant_by_code(session, agency) if agency else None
+            rows = statements.generate(
+                session,
+                Principal.system("cli"),
+                month=month,
+                agency_id=target.id if target is not None else None,
+            )
+            summary = [(s.contract_id, s.state, s.line_count, s.total_amount) for s in rows]
+    except GovbrokerError as exc:
+        raise _fail(exc.detail) from exc
+    for contract_id, state, lines, total in summary:
+        typer.echo(f"{contract_id}  {state:<5}  {lines:>6} lines  total {total / 100:>14,.2f}")
+    typer.echo(f"{len(summary)} statement(s) for {month}")
+
+
+@statements_app.command("finalize")
+def statements_finalize(month: MonthOpt, agency: AgencyOpt = None) -> None:
+    """Freeze the month's draft statements (each gets its content hash)."""
+    from billing import statements
+
+    db = _database()
+    done: list[tuple[str, str]] = []
+    try:
+        with db.unit_of_work() as session:
+            _, rows = _statements_of(session, month, agency)
+            for s in rows:
+                if s.state == "final":
+                    continue
+                final = statements.finalize(session, Principal.system("cli"), s.id)
+                done.append((str(final.id), final.content_hash or ""))
+    except GovbrokerError as exc:
+        raise _fail(exc.detail) from exc
+    for sid, digest in done:
+        typer.echo(f"{sid}  final  sha256 {digest}")
+    typer.echo(f"{len(done)} statement(s) finalized for {month}")
+
+
+@statements_app.command("export")
+def statements_export(
+    month: MonthOpt,
+    agency: AgencyOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="xlsx, csv or pdf")] = "xlsx",
+    output: Annotated[str | None, typer.Option("--output", "-o", help="file to write")] = None,
+) -> None:
+    """Write the month's statements to one file (XLSX: a sheet per contract)."""
+    from billing import documents
+
+    if fmt not in documents.FORMATS:
+        raise _fail(f"--format must be one of {', '.join(sorted(documents.FORMATS))}")
+    db = _database()
+    try:
+        with db.unit_of_work(write=False) as session:
+            target = _tenant_by_code(session, agency) if agency else None
+            docs = documents.for_export(
+                session,
+                Principal.system("cli"),
+                month=month,
+                agency_id=target.id if target is not None else None,
+            )
+            _, body = documents.render(session, docs, fmt)
+    except GovbrokerError as exc:
+        raise _fail(exc.detail) from exc
+    path = output or f"statements-{month}{'-' + agency if agency else ''}.{fmt}"
+    with open(path, "wb") as fh:
+        fh.write(body)
+    typer.echo(f"wrote {len(docs)} statement(s) to {path}")
 
 
 def main() -> None:  # pragma: no cover - console-script shim

@@ -12,6 +12,9 @@ from typing import Any
 
 from sqlmodel import Session, select
 
+from billing import contracts, prices, rating
+from billing.schemas import ContractCreate, PriceCatalogCreate, PriceItemIn
+from broker.core import clock
 from broker.core.authz import Principal, Role
 from broker.core.db import SessionSource
 from broker.core.errors import GovbrokerError
@@ -359,6 +362,73 @@ DEMO_REQUESTS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+# 统一采购: each company's price list, fen per unit-hour (memory per GiB-hour)
+PRICE_LISTS: dict[str, dict[str, str]] = {
+    "zyskj": {
+        "vcpu": "6.5",
+        "memory_mb": "3.2",
+        "storage_gb.ssd": "0.12",
+        "storage_gb.hdd": "0.04",
+        "public_ip": "1.4",
+        "bandwidth_mbps": "0.9",
+    },
+    "hbxc": {
+        "vcpu": "6.2",
+        "memory_mb": "3.5",
+        "storage_gb.ssd": "0.11",
+        "storage_gb.hdd": "0.045",
+        "public_ip": "1.5",
+        "bandwidth_mbps": "0.8",
+    },
+}
+DISCOUNTS = {"gaj": "5", "rsj": "3"}
+
+
+def seed_billing(db: SessionSource) -> int:
+    """Price lists from the first of this month and one contract per agency (分签) with the
+    company that serves it, running to the end of next year; returns the contracts signed."""
+    actor = Principal.system("demo-seed")
+    today = clock.now().astimezone(rating.zone()).date()
+    first = today.replace(day=1)
+    signed = 0
+    with db.unit_of_work() as session:
+        company_of = {c.code: c for c in session.exec(select(ServiceCompany))}
+        for code, unit_prices in PRICE_LISTS.items():
+            prices.create_catalog(
+                session,
+                actor,
+                company_of[code].id,
+                PriceCatalogCreate(
+                    name=f"{company_of[code].name_zh} {first.year} 年框架协议价",
+                    effective_from=first,
+                    items=[
+                        PriceItemIn(resource_class=rc, unit_price=Decimal(p))
+                        for rc, p in unit_prices.items()
+                    ],
+                ),
+            )
+        for agency in session.exec(select(Tenant).where(Tenant.kind == "agency")):
+            company = company_of[AGENCY_COMPANY.get(agency.code, "zyskj")]
+            contracts.create_contract(
+                session,
+                actor,
+                ContractCreate(
+                    number=f"HT-{first.year}-{agency.code.upper()}-01",
+                    title=f"{agency.name_zh}政务云服务合同",
+                    agency_id=agency.id,
+                    service_company_id=company.id,
+                    signed_on=first,
+                    starts_on=first,
+                    ends_on=first.replace(year=first.year + 1, month=12, day=31),
+                    budget_amount=50_000_000,
+                    discount_pct=Decimal(DISCOUNTS.get(agency.code, "0")),
+                    billing_contact=f"{agency.name_zh}财务科",
+                ),
+            )
+            signed += 1
+    return signed
+
+
 def seed_self_service(db: SessionSource) -> list[str]:
     """Import each provider's catalog, offer custom sizes, bind every agency to its service
     company, and put a few requests through the broker; returns one line per request."""
@@ -394,6 +464,7 @@ def seed_self_service(db: SessionSource) -> list[str]:
                     approval_memory_mb=memory_mb,
                 ),
             )
+    seed_billing(db)
     lines: list[str] = []
     for username, system_code, request in DEMO_REQUESTS:
         with db.unit_of_work(write=False) as session:

@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 # python3-venv: the project venv; libvirt-dev, pkg-config, gcc, python3-dev: building libvirt-python;
 # golang-go and govmomi's Go sources: building the vCenter simulator the tests talk to
-# poppler-utils: pdftotext and pdftoppm, with which tests read and render exported statements
-APT_PACKAGES=(python3-venv libvirt-dev pkg-config gcc python3-dev golang-go golang-github-vmware-govmomi-dev poppler-utils)
+# poppler-utils: pdftotext and pdftoppm, with which tests read and render exported statements;
+# fonts-arphic-uming: a CJK font poppler substitutes for the PDF's (unembedded) STSong-Light
+APT_PACKAGES=(python3-venv libvirt-dev pkg-config gcc python3-dev golang-go golang-github-vmware-govmomi-dev poppler-utils fonts-arphic-uming)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
