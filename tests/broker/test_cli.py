@@ -136,3 +136,46 @@ def test_demo_seeds_once_and_reports_users(tmp_path, use_database):
     assert "self-service" not in second.output
     with Database(url).unit_of_work(write=False) as s:
         assert s.execute(select(func.count()).select_from(User)).scalar_one() == users
+
+
+def test_statements_generate_finalize_export_from_the_command_line(
+    committed_db, use_database, tmp_path
+):
+    from datetime import date
+
+    from openpyxl import load_workbook
+
+    from billing.models import LifecycleKind, Statement
+    from tests.fixtures.auth import build_estate
+    from tests.fixtures.billing import local, make_world
+
+    with committed_db.unit_of_work() as s:
+        estate = build_estate(s)
+    w = make_world(committed_db, estate)
+    w.catalog(date(2026, 10, 1), {"vcpu": "10", "memory_mb": "5"})
+    contract = w.contract("HT-CLI-1", starts_on=date(2026, 10, 1), ends_on=date(2026, 12, 31))
+    w.server("cli-1")
+    sizes = {"vcpu": 2, "memory_mb": 2048}
+    w.event("cli-1", LifecycleKind.created, local(2026, 10, 5, 8), sizes, contract=contract)
+    w.event("cli-1", LifecycleKind.deleted, local(2026, 10, 5, 18), {}, contract=contract)
+    use_database(committed_db.url)
+
+    # 10 h: vCPU 2 × 10 × 10 = 200, memory 2 GiB × 5 × 10 = 100
+    made = runner.invoke(app, ["statements", "generate", "--month", "2026-10", "--agency", "a"])
+    assert made.exit_code == 0, made.output
+    assert "total           3.00" in made.output
+    final = runner.invoke(app, ["statements", "finalize", "--month", "2026-10"])
+    assert final.exit_code == 0, final.output
+    assert "1 statement(s) finalized" in final.output
+    with committed_db.unit_of_work(write=False) as s:
+        (st,) = s.execute(select(Statement)).scalars()
+        assert st.state == "final" and st.content_hash in final.output
+    out = tmp_path / "oct.xlsx"
+    exported = runner.invoke(
+        app, ["statements", "export", "--month", "2026-10", "--format", "xlsx", "-o", str(out)]
+    )
+    assert exported.exit_code == 0, exported.output
+    assert [ws.title for ws in load_workbook(out).worksheets] == ["HT-CLI-1"]
+    future = runner.invoke(app, ["statements", "generate", "--month", "2031-01"])
+    assert future.exit_code == 2
+    assert "has not begun" in future.output
