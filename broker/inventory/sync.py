@@ -11,6 +11,12 @@ open during a remote call and none holds more than one agency's quota locks:
 
 Step 3 picks its work from the table, not from step 2's memory, so a crash between the steps is
 repaired by the next sync, and running a sync twice changes nothing the second time.
+
+What changes billing is metered as lifecycle events written with the rows that show it: step 2
+records servers that appear unowned (`discovered`), change outside govbroker or come back
+(`changed`, or `discovered` when nobody owns them) and unbooked servers that vanish (`gone`);
+step 3 records adoptions and the `gone` of booked servers as it gives their quota back. Servers
+whose request tag belongs to a running job are the job's to record.
 """
 
 from __future__ import annotations
@@ -26,12 +32,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, exists, insert, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
-from billing import events
-from billing.models import LifecycleKind
+from billing import contracts, events
+from billing.models import LifecycleEvent, LifecycleKind
 from broker.audit import service as audit
 from broker.core import clock
 from broker.core.authz import Principal
@@ -39,6 +45,7 @@ from broker.core.db import SessionSource
 from broker.core.errors import (
     Conflict,
     GovbrokerError,
+    Invalid,
     NotFound,
     OverLimit,
     QuotaExceeded,
@@ -75,6 +82,8 @@ _SERVERS = Server.__table__  # type: ignore[attr-defined]
 _HOSTS = InventoryHost.__table__  # type: ignore[attr-defined]
 _STORAGE = InventoryStorage.__table__  # type: ignore[attr-defined]
 _NETWORKS = InventoryNetwork.__table__  # type: ignore[attr-defined]
+_EVENTS = LifecycleEvent.__table__  # type: ignore[attr-defined]
+ACTOR = "inventory-sync"
 
 
 NOT_SIZE = frozenset({"instances", "public_ip", "bandwidth_mbps"})
@@ -142,6 +151,35 @@ def size_of(
         if code in known:
             size[code] = size.get(code, 0) + int(disk["size_gb"])
     return {k: v for k, v in size.items() if k in known and v}
+
+
+def billable_size(
+    vcpu: int,
+    memory_mb: int,
+    disks: Iterable[Mapping[str, Any]],
+    public_ips: Sequence[str],
+    classes: Iterable[str],
+) -> dict[str, int]:
+    """What a server holds as sync sees it, for metering: its size and its public addresses."""
+    size = size_of(vcpu, memory_mb, disks, classes)
+    if public_ips:
+        size["public_ip"] = len(public_ips)
+    return size
+
+
+def metered_size(booked: Mapping[str, int], seen: Mapping[str, int]) -> dict[str, int]:
+    """What a managed server is billed for once sync saw it change: what the provider shows of
+    every class sync can see (drift is billed as it really is), and what the ledger holds of the
+    rest. Bandwidth is the egress of a public address, so it goes with the last one."""
+    out = dict(seen)
+    for rc, amount in booked.items():
+        visible = rc in ("vcpu", "memory_mb", "instances", "public_ip") or rc.startswith(
+            "storage_gb."
+        )
+        if visible or (rc == "bandwidth_mbps" and not seen.get("public_ip")):
+            continue
+        out[rc] = amount
+    return out
 
 
 def unknown_tiers(disks: Iterable[Mapping[str, Any]], classes: Iterable[str]) -> list[str]:
@@ -234,6 +272,17 @@ class TenantRef:
     kind: str
     status: str
     parent_id: uuid.UUID | None
+    path: str = ""
+
+    @property
+    def agency_id(self) -> uuid.UUID:
+        return agency_id_of(self.id, self.path)
+
+
+def agency_id_of(tenant_id: uuid.UUID, path: str) -> uuid.UUID:
+    """The agency on a tenant's path (center → agency → system): whose contract bills it."""
+    ids = ancestor_ids(path)
+    return ids[1] if len(ids) > 1 else tenant_id
 
 
 def _tenants(session: Session) -> tuple[dict[str, TenantRef], dict[uuid.UUID, TenantRef]]:
@@ -244,6 +293,7 @@ def _tenants(session: Session) -> tuple[dict[str, TenantRef], dict[uuid.UUID, Te
             col(Tenant.kind),
             col(Tenant.status),
             col(Tenant.parent_id),
+            col(Tenant.path),
         )
     ).all()
     refs = [TenantRef(*r) for r in rows]
@@ -273,6 +323,85 @@ def _drift(
     return out or None
 
 
+@dataclass(frozen=True)
+class _Metered:
+    """A lifecycle event step 2 writes, unless the server is a running job's to record."""
+
+    server_id: uuid.UUID
+    kind: LifecycleKind
+    power_state: str
+    sizes: dict[str, int]
+    tenant_id: uuid.UUID | None = None
+    agency_id: uuid.UUID | None = None
+    contract_id: uuid.UUID | None = None
+    # the server's request tag while nobody owns it: a running create job may claim it
+    request_tag: str | None = None
+    detail: dict[str, Any] | None = None
+
+    def row(self, provider: Provider, at: datetime) -> dict[str, Any]:
+        return {
+            "id": uuid.uuid4(),
+            "server_id": self.server_id,
+            "tenant_id": self.tenant_id,
+            "agency_id": self.agency_id,
+            "provider_id": provider.id,
+            "service_company_id": provider.service_company_id,
+            "contract_id": self.contract_id,
+            "kind": self.kind.value,
+            "power_state": self.power_state,
+            "sizes": self.sizes,
+            "detail": self.detail or {},
+            "job_id": None,
+            "actor": ACTOR,
+            "at": at,
+            "metered_at": None,
+        }
+
+
+def _seen_change(
+    old: Any,
+    owner: TenantRef | None,
+    power_state: str,
+    seen: dict[str, int],
+    classes: Iterable[str],
+) -> _Metered | None:
+    """The event for a stored server the listing shows again, when billing must hear of it: it
+    came back, it was never metered, or its power or size changed outside govbroker."""
+    was = billable_size(old.vcpu, old.memory_mb, old.disks, old.public_ips, classes)
+    back = old.gone_at is not None
+    if not back and old.metered and (old.power_state, was) == (power_state, seen):
+        return None
+    detail: dict[str, Any] = (
+        {"back": True} if back else {"before": {"power_state": old.power_state, "sizes": was}}
+    )
+    if old.tenant_id is None:
+        # a server nobody owns is billed as it is, to the unassigned bucket
+        kind = LifecycleKind.discovered if back or not old.metered else LifecycleKind.changed
+        return _Metered(old.id, kind, power_state, seen, request_tag=old.request_tag, detail=detail)
+    return _Metered(
+        old.id,
+        LifecycleKind.changed,
+        power_state,
+        metered_size(old.booked or {}, seen),
+        tenant_id=old.tenant_id,
+        agency_id=owner.agency_id if owner is not None else old.tenant_id,
+        contract_id=old.contract_id,
+        detail=detail,
+    )
+
+
+def _write_events(
+    session: Session, provider: Provider, metered: Sequence[_Metered], now: datetime
+) -> int:
+    """Insert the events in one statement, leaving out servers a running job is building."""
+    tags = {m.request_tag for m in metered if m.request_tag}
+    claimed = _claimed(session, tags) if tags else set()
+    rows = [m.row(provider, now) for m in metered if m.request_tag not in claimed]
+    if rows:
+        session.connection().execute(insert(_EVENTS), rows)
+    return len(rows)
+
+
 def _apply_servers(
     session: Session,
     provider: Provider,
@@ -291,10 +420,16 @@ def _apply_servers(
             *[_SERVERS.c[f] for f in _SERVER_FIELDS],
             _SERVERS.c.tenant_id,
             _SERVERS.c.booked,
+            _SERVERS.c.contract_id,
             _SERVERS.c.drift,
             _SERVERS.c.drift_at,
             _SERVERS.c.gone_at,
             _SERVERS.c.last_seen,
+            # whether billing ever heard of the server (rows older than metering, or skipped
+            # while a job was building them, are recorded the first time sync sees them)
+            exists(sa_select(_EVENTS.c.id).where(_EVENTS.c.server_id == _SERVERS.c.id)).label(
+                "metered"
+            ),
         ).where(_SERVERS.c.provider_id == provider.id)
     )
     stored = {}
@@ -308,6 +443,7 @@ def _apply_servers(
         stored[r.external_id] = r
     inserts: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
+    metered: list[_Metered] = []
     drift_events: list[tuple[uuid.UUID, TenantRef, Any, Any]] = []
     seen: set[str] = set()
     total = len(servers)
@@ -317,12 +453,16 @@ def _apply_servers(
         seen.add(s.external_id)
         values = server_values(s)
         mapped = resolve_owner(s.owner_tag, by_code, by_id)
+        billable = billable_size(
+            s.vcpu, s.memory_mb, values["disks"], values["public_ips"], classes
+        )
         old = stored.get(s.external_id)
         if old is None:
             counts["servers_new"] += 1
+            server_id = uuid.uuid4()
             inserts.append(
                 {
-                    "id": uuid.uuid4(),
+                    "id": server_id,
                     "provider_id": provider.id,
                     "external_id": s.external_id,
                     **values,
@@ -337,6 +477,15 @@ def _apply_servers(
                     "adopted_at": None,
                 }
             )
+            metered.append(
+                _Metered(
+                    server_id,
+                    LifecycleKind.discovered,
+                    values["power_state"],
+                    billable,
+                    request_tag=values["request_tag"],
+                )
+            )
             continue
         tenant = by_id.get(old.tenant_id) if old.tenant_id else None
         drift = _drift(
@@ -346,6 +495,9 @@ def _apply_servers(
             mapped,
             s.owner_tag,
         )
+        event = _seen_change(old, tenant, values["power_state"], billable, classes)
+        if event is not None:
+            metered.append(event)
         changed = any(values[f] != getattr(old, f) for f in _SERVER_FIELDS)
         if changed or drift != old.drift or old.gone_at is not None:
             if old.gone_at is not None:
@@ -393,6 +545,23 @@ def _apply_servers(
             update(_SERVERS).where(_SERVERS.c.id == bindparam("_id")).values(gone_at=now),
             [{"_id": r.id} for r in gone],
         )
+    for r in gone:
+        if r.booked:
+            continue  # its `gone` is written when step 3 gives its quota back (_release_one)
+        owner = by_id.get(r.tenant_id) if r.tenant_id else None
+        metered.append(
+            _Metered(
+                r.id,
+                LifecycleKind.gone,
+                r.power_state,
+                {},
+                tenant_id=r.tenant_id,
+                agency_id=owner.agency_id if owner is not None else r.tenant_id,
+                contract_id=r.contract_id,
+                request_tag=r.request_tag if r.tenant_id is None else None,
+            )
+        )
+    counts["lifecycle_events"] += _write_events(session, provider, metered, now)
     # everything still there was seen now: one statement, not one per server, and at most
     # hourly per row, so that a sync of an unchanged provider rewrites nothing
     conn.execute(
@@ -409,7 +578,7 @@ def _apply_servers(
     for server_id, tenant, before, after in drift_events:
         audit.record(
             session,
-            Principal.system("inventory-sync"),
+            Principal.system(ACTOR),
             "server.drift",
             tenant=session.get(Tenant, tenant.id),
             target_type="server",
@@ -584,6 +753,7 @@ def book(
     server.tenant_id = tenant.id
     server.booked = size
     server.adopted_at = clock.now()
+    server.contract_id = _adoption_contract(session, server, tenant)
     _emit(session, server, tenant, LifecycleKind.adopted, actor.username)
     server.adopt_error = None
     server.drift = None
@@ -604,25 +774,59 @@ def book(
             "forced": bool(over),
             "over_limit": [describe(o) for o in over],
             "reason": reason,
+            "contract_id": str(server.contract_id) if server.contract_id else None,
         },
     )
     return size
+
+
+def _company_of(session: Session, server: Server) -> uuid.UUID | None:
+    provider = session.get(Provider, server.provider_id)
+    return provider.service_company_id if provider is not None else None
+
+
+def _adoption_contract(session: Session, server: Server, tenant: Tenant) -> uuid.UUID | None:
+    """The contract an adopted server is billed under: the one it had (a server back after being
+    gone) while that still takes servers, else the agency's with the provider's company. A
+    refusal binds none (billed unassigned until the center binds one): billing must never stop
+    a server from counting against the quota it uses."""
+    agency_id = agency_id_of(tenant.id, tenant.path)
+    company = _company_of(session, server)
+    if server.contract_id is not None:
+        try:
+            kept = contracts.contract_for_server(
+                session,
+                agency_id=agency_id,
+                service_company_id=company,
+                contract_id=server.contract_id,
+            )
+        except (Invalid, Conflict):
+            pass  # ended, suspended, or another agency's: the agency's current one applies
+        else:
+            return kept.id if kept is not None else None
+    try:
+        contract = contracts.contract_for_server(
+            session, agency_id=agency_id, service_company_id=company
+        )
+    except (Invalid, Conflict) as exc:
+        log.warning("server adopted without a contract", server=str(server.id), reason=exc.detail)
+        return None
+    return contract.id if contract is not None else None
 
 
 def _emit(
     session: Session, server: Server, tenant: Tenant, kind: LifecycleKind, actor: str
 ) -> None:
     """A state change sync saw (adopted, gone outside govbroker) is metered like any other."""
-    path = ancestor_ids(tenant.path)
-    provider = session.get(Provider, server.provider_id)
     events.emit(
         session,
         kind,
         server_id=server.id,
         tenant_id=tenant.id,
-        agency_id=path[1] if len(path) > 1 else tenant.id,
+        agency_id=agency_id_of(tenant.id, tenant.path),
         provider_id=server.provider_id,
-        service_company_id=provider.service_company_id if provider else None,
+        service_company_id=_company_of(session, server),
+        contract_id=server.contract_id,
         power_state=server.power_state,
         sizes=server.booked,
         actor=actor,
@@ -664,10 +868,10 @@ def _release_one(db: SessionSource, server_id: uuid.UUID) -> None:
         session.add(server)
         owner = session.get(Tenant, server.tenant_id) if server.tenant_id else None
         if owner is not None:
-            _emit(session, server, owner, LifecycleKind.gone, "inventory-sync")
+            _emit(session, server, owner, LifecycleKind.gone, ACTOR)
         audit.record(
             session,
-            Principal.system("inventory-sync"),
+            Principal.system(ACTOR),
             "server.gone",
             tenant=session.get(Tenant, server.tenant_id) if server.tenant_id else None,
             target_type="server",
@@ -702,7 +906,7 @@ def _adopt_by_owner(db: SessionSource, provider_id: uuid.UUID, counts: Counter[s
             work.append((sid, by_id[tenant_id], True, adopt_error))
         elif (ref := resolve_owner(tag, by_code, by_id)) is not None:
             work.append((sid, ref, False, adopt_error))
-    actor = Principal.system("inventory-sync")
+    actor = Principal.system(ACTOR)
     for server_id, ref, returning, previous_error in work:
         try:
             with db.unit_of_work() as session:
@@ -804,7 +1008,7 @@ def _finish_run(
         session.add_all([run, provider])
         audit.record(
             session,
-            Principal.system("inventory-sync"),
+            Principal.system(ACTOR),
             "provider.sync",
             tenant=None,
             target_type="provider",

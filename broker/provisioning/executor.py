@@ -291,6 +291,7 @@ def _emit(
         service_company_id=provider.service_company_id,
         power_state=server.power_state,
         sizes=server.booked if server.gone_at is None else {},
+        contract_id=server.contract_id,
         actor=job.created_by,
         job_id=job.id,
     )
@@ -327,9 +328,12 @@ def _finish_create(session: Session, job: Job, observed: drv.Server, provider: P
         actual["public_ip"] = max(len(observed.public_ips), int(job.grow.get("public_ip", 0)))
         if job.grow.get("bandwidth_mbps"):
             actual["bandwidth_mbps"] = int(job.grow["bandwidth_mbps"])
+    contract = job.params.get("contract_id")
     owned = {
         **values,
         "tenant_id": job.tenant_id,
+        # resolved when the request was accepted (see service._billable)
+        "contract_id": uuid.UUID(contract) if contract else None,
         "booked": _book_difference(session, job, ref, held, actual),
         "last_seen": clock.now(),
         "drift": None,

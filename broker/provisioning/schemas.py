@@ -39,6 +39,9 @@ class ServerCreate(Input):
     bandwidth_mbps: Mbps | None = None
     provider: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
     region: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    # the agency's contract (分签) to bill the server under; by default its active contract with
+    # the service company of the provider the server lands on
+    contract_id: uuid.UUID | None = None
 
 
 ActionName = Literal[

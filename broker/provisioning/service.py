@@ -2,9 +2,10 @@
 
 Everything a request can get wrong is found here, before anything is held: an item the agency is
 not offered, a size out of bounds, a name the provider would refuse, another agency's system, a
-deleted server. What passes is one transaction: the quota reservation (one ledger call for every
-class), the job, the idempotency key and the audit event, together or not at all. The provider is
-called later, by the executor, outside any transaction.
+deleted server, a contract (分签) that cannot take the server. What passes is one transaction:
+the quota reservation (one ledger call for every class), the job, the idempotency key and the
+audit event, together or not at all. The provider is called later, by the executor, outside any
+transaction.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from sqlalchemy import and_, or_
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from billing import contracts
+from billing.models import Contract
 from broker.audit import service as audit
 from broker.core import clock
 from broker.core.authz import Principal
@@ -65,7 +68,12 @@ def owner_tag(agency: Tenant, system: Tenant) -> str:
 
 
 def body_hash(data: ServerCreate) -> str:
-    canonical = json.dumps(data.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    body = data.model_dump(mode="json")
+    if body.get("contract_id") is None:
+        # a body that names no contract hashes as it did before the field existed, so a retry
+        # of a request sent before an upgrade still replays instead of being refused
+        body.pop("contract_id", None)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -243,6 +251,47 @@ def _candidates(
     return resolved
 
 
+def _company_of(provider: Provider, policy: AgencyPolicy | None) -> uuid.UUID | None:
+    """The service company that bills for a server on `provider`: the provider's own, else the
+    one the center chose for the agency."""
+    if provider.service_company_id is not None:
+        return provider.service_company_id
+    return policy.service_company_id if policy is not None else None
+
+
+def _billable(
+    session: Session,
+    agency: Tenant,
+    data: ServerCreate,
+    policy: AgencyPolicy | None,
+    resolved: Mapping[uuid.UUID, Resolved],
+) -> tuple[dict[uuid.UUID, Resolved], dict[uuid.UUID | None, Contract | None]]:
+    """The candidates some contract may bill, and per service company the contract a server of
+    theirs is bound to (None: the agency signed nothing with it). Decided before placement books
+    any room, so a refusal (naming contract_id) leaves nothing held."""
+    bound: dict[uuid.UUID | None, Contract | None] = {}
+    refused: dict[uuid.UUID | None, Invalid | Conflict] = {}
+    kept: dict[uuid.UUID, Resolved] = {}
+    for pid, r in sorted(resolved.items(), key=lambda kv: kv[1].provider.name):
+        company = _company_of(r.provider, policy)
+        if company not in bound and company not in refused:
+            try:
+                bound[company] = contracts.contract_for_server(
+                    session,
+                    agency_id=agency.id,
+                    service_company_id=company,
+                    contract_id=data.contract_id,
+                )
+            except (Invalid, Conflict) as exc:
+                refused[company] = exc
+        if company in bound:
+            kept[pid] = r
+    if not kept:
+        # the refusal of the provider the request would have gone to first
+        raise next(iter(refused.values()))
+    return kept, bound
+
+
 def quota_of(
     r: Resolved, public_ip: bool, bandwidth_mbps: int | None, classes: Mapping[str, Any]
 ) -> dict[str, int]:
@@ -359,7 +408,9 @@ def create_job(session: Session, principal: Principal, data: ServerCreate) -> Jo
     system = _system(session, principal, data.system_id)
     agency = catalog.agency_of(session, system)
     policy = session.get(AgencyPolicy, agency.id)
-    resolved = _candidates(session, agency, data, policy)
+    resolved, bound = _billable(
+        session, agency, data, policy, _candidates(session, agency, data, policy)
+    )
     classes = ledger.resource_classes(session)
     choice = place(
         session,
@@ -367,6 +418,7 @@ def create_job(session: Session, principal: Principal, data: ServerCreate) -> Jo
         {pid: (r.host_need, r.storage, r.able_hosts) for pid, r in resolved.items()},
     )
     r = resolved[choice.provider_id]
+    contract = bound[_company_of(r.provider, policy)]
     approval = _needs_approval(policy, r.vcpu, r.memory_mb)
     server_id = uuid.uuid4()
     job = _new_job(
@@ -392,6 +444,8 @@ def create_job(session: Session, principal: Principal, data: ServerCreate) -> Jo
             "storage_hint": {t: p.external_id for t, p in choice.pools.items()},
             "owner_tag": owner_tag(agency, system),
             "scope_code": system.code,
+            # bound to the server row when the job finishes
+            "contract_id": str(contract.id) if contract is not None else None,
         },
     )
     job.placement = choice.explanation
@@ -419,6 +473,7 @@ def create_job(session: Session, principal: Principal, data: ServerCreate) -> Jo
             "quota": job.grow,
             "state": job.state,
             "server_id": str(server_id),
+            "contract": contract.number if contract is not None else None,
         },
     )
     session.flush()
