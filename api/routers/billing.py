@@ -145,11 +145,17 @@ def list_statements(
     return Page(data=[StatementPublic.model_validate(s) for s in rows], count=len(rows))
 
 
+def _ascii_file_name(name: str) -> str:
+    """The plain `filename=` fallback: printable ASCII only, and nothing that would end the
+    quoted string or the header line (contract numbers are free text: quotes, tabs, 甲)."""
+    return "".join(ch if " " <= ch <= "~" and ch not in '"\\/' else "_" for ch in name)
+
+
 def _download(session: Session, docs: list, fmt: str, stem: str) -> Response:  # type: ignore[type-arg]
     media, body = documents.render(session, docs, fmt)
     name = f"{stem}.{fmt}"
-    disposition = f'attachment; filename="{name.encode("ascii", "replace").decode()}"; ' + (
-        f"filename*=UTF-8''{quote(name)}"
+    disposition = f'attachment; filename="{_ascii_file_name(name)}"; ' + (
+        f"filename*=UTF-8''{quote(name, safe='')}"
     )
     return Response(body, media_type=media, headers={"Content-Disposition": disposition})
 
