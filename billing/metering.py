@@ -68,11 +68,15 @@ def apply_events(session: Session, *, limit: int | None = 5000) -> int:
         return 0
     servers = {e.server_id for e in events}
     open_by_server: dict[uuid.UUID, dict[str, UsageInterval]] = defaultdict(dict)
-    for iv in session.execute(
-        select(UsageInterval).where(
-            col(UsageInterval.server_id).in_(servers), col(UsageInterval.ended_at).is_(None)
-        )
-    ).scalars():
+    open_stmt = select(UsageInterval).where(
+        col(UsageInterval.server_id).in_(servers), col(UsageInterval.ended_at).is_(None)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        # read rated_until fresh and hold it: a concurrent `rate` waits, then loses its
+        # compare-and-set on ended_at instead of rating past the end written here. Locked in id
+        # order, as `rate` updates them, so the two never wait for each other in a circle.
+        open_stmt = open_stmt.order_by(col(UsageInterval.id)).with_for_update()
+    for iv in session.execute(open_stmt.execution_options(populate_existing=True)).scalars():
         open_by_server[iv.server_id][iv.resource_class] = iv
     metered = clock.now()
     for event in events:
@@ -98,9 +102,10 @@ def _apply(session: Session, event: LifecycleEvent, current: dict[str, UsageInte
             continue
         start = event.at
         if old is not None:
-            # an event committed late (older than the interval it would close) closes it empty
-            # rather than reaching back into time already metered
-            old.ended_at = max(event.at, old.started_at)
+            # an event committed late (older than time already rated, or than the interval it
+            # would close) takes effect where rating stopped, rather than reaching back into
+            # time already rated: those seconds would be rated again for the successor
+            old.ended_at = max(event.at, old.rated_until)
             start = old.ended_at
             session.add(old)
             del current[cls]
@@ -202,11 +207,23 @@ def rate(session: Session, *, until: datetime | None = None, limit: int | None =
     moved = 0
     rows: list[dict[str, Any]] = []
     conn = session.connection()
-    for iv in intervals:
+    # row locks in id order, like apply_events and any other rating pass take them: no deadlock
+    for iv in sorted(intervals, key=lambda i: i.id):
         end = min(target, iv.ended_at) if iv.ended_at is not None else target
+        # the end read above must still hold too: an event closing the interval meanwhile
+        # makes this pass lose, and the next one rates up to the new end
+        same_end = (
+            col(UsageInterval.ended_at).is_(None)
+            if iv.ended_at is None
+            else col(UsageInterval.ended_at) == iv.ended_at
+        )
         won = conn.execute(
             update(UsageInterval)
-            .where(col(UsageInterval.id) == iv.id, col(UsageInterval.rated_until) == iv.rated_until)
+            .where(
+                col(UsageInterval.id) == iv.id,
+                col(UsageInterval.rated_until) == iv.rated_until,
+                same_end,
+            )
             .values(rated_until=end)
         ).rowcount
         if won != 1:

@@ -13,7 +13,7 @@ from sqlalchemy import String, column, func, table
 from sqlmodel import Session, col, select
 
 from billing import rating
-from billing.models import PriceCatalog, PriceItem, RatedUsage, ServiceCompany
+from billing.models import Contract, PriceCatalog, PriceItem, ServiceCompany, UsageInterval
 from billing.schemas import PriceCatalogCreate, PriceCatalogPublic, PriceItemPublic
 from broker.audit import service as audit
 from broker.core.authz import Principal
@@ -75,8 +75,19 @@ def create_catalog(
                 + "; a new version must start after every existing one",
                 "overlap",
             )
+    # rating has passed over this time already (priced or, before any price list, not): new
+    # prices there would never be applied. Rated usage alone misses unpriced time.
+    billed_by = func.coalesce(
+        col(Contract.service_company_id), col(UsageInterval.service_company_id)
+    )
     rated_past = session.execute(
-        select(func.max(RatedUsage.last_at)).where(RatedUsage.service_company_id == company.id)
+        select(func.max(UsageInterval.rated_until))
+        .select_from(UsageInterval)
+        .outerjoin(Contract, col(Contract.id) == col(UsageInterval.contract_id))
+        .where(
+            billed_by == company.id,
+            col(UsageInterval.rated_until) > col(UsageInterval.started_at),
+        )
     ).scalar_one()
     if rated_past is not None and rated_past > start:
         raise Conflict.field(

@@ -84,7 +84,8 @@ def compute_lines(
 ) -> list[Line]:
     """One line per usage row, then per server and price item a cap line (negative) bringing
     the month down to the monthly cap, or a minimum line topping it up to the monthly minimum.
-    Ordered by server, class, price, quantity: the order is part of the content hash."""
+    Ordered by server, class, price, kind, quantity, then the rest: the order is part of the
+    content hash."""
     lines: list[Line] = []
     per_item: dict[tuple[uuid.UUID, uuid.UUID], list[Line]] = defaultdict(list)
     for u in usage:
@@ -105,6 +106,12 @@ def compute_lines(
         cap, minimum = limits.get(item_id, (None, None))
         month_amount = sum(g.amount for g in group)
         first = group[0]
+        # a server that moved between systems during the month: the cap or minimum goes to the
+        # system it spent most of the month in, whatever order the query returned the rows in
+        held: dict[uuid.UUID | None, int] = defaultdict(int)
+        for g in group:
+            held[g.tenant_id] += g.seconds
+        tenant = max(held, key=lambda t: (held[t], str(t)))
         extra: tuple[str, int] | None = None
         if cap is not None and month_amount > cap:
             extra = ("cap", cap - month_amount)
@@ -116,7 +123,7 @@ def compute_lines(
                     extra[0],
                     first.server_id,
                     first.server_name,
-                    first.tenant_id,
+                    tenant,
                     first.resource_class,
                     0,
                     sum(g.seconds for g in group),
@@ -124,6 +131,9 @@ def compute_lines(
                     extra[1],
                 )
             )
+    # every field takes part, so lines alike on the first ones (the same price in two versions
+    # of the price list, a server moved between systems) keep one order whatever order the
+    # query returned them in
     lines.sort(
         key=lambda ln: (
             ln.server_name,
@@ -132,6 +142,9 @@ def compute_lines(
             ln.unit_price,
             _KIND_ORDER[ln.kind],
             ln.quantity,
+            str(ln.tenant_id),
+            ln.seconds,
+            ln.amount,
         )
     )
     return lines
