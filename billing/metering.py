@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import func, or_, update
+from sqlalchemy import func, or_, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
@@ -177,6 +177,67 @@ def _upsert(session: Session, rows: list[dict[str, Any]]) -> None:
     session.connection().execute(stmt, rows)
 
 
+_ADVANCE_PG = text(
+    """
+    UPDATE usage_interval AS u SET rated_until = v.new_until
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:old_until AS timestamptz[]),
+                CAST(:old_end AS timestamptz[]), CAST(:new_until AS timestamptz[]))
+         AS v(id, old_until, old_end, new_until)
+    WHERE u.id = v.id AND u.rated_until = v.old_until
+      AND u.ended_at IS NOT DISTINCT FROM v.old_end
+    RETURNING u.id
+    """
+)
+_LOCK_PG = text(
+    "SELECT id FROM usage_interval WHERE id = ANY(CAST(:ids AS uuid[])) ORDER BY id FOR UPDATE"
+)
+
+
+def _advance(
+    session: Session, intervals: list[UsageInterval], ends: dict[uuid.UUID, datetime]
+) -> set[uuid.UUID]:
+    """Compare-and-set each interval's rated_until from what was read to its new end, only if
+    neither it nor the interval's end moved meanwhile; returns the ids this pass won. The end
+    must still hold too: an event closing the interval meanwhile makes this pass lose, and the
+    next one rates up to the new end."""
+    conn = session.connection()
+    ordered = sorted(intervals, key=lambda i: i.id)
+    if conn.dialect.name == "postgresql":
+        ids = [iv.id for iv in ordered]
+        # row locks in id order, as apply_events and any other rating pass take them: one
+        # statement for the batch, and still no deadlock
+        conn.execute(_LOCK_PG, {"ids": ids})
+        result = conn.execute(
+            _ADVANCE_PG,
+            {
+                "ids": ids,
+                "old_until": [iv.rated_until for iv in ordered],
+                "old_end": [iv.ended_at for iv in ordered],
+                "new_until": [ends[iv.id] for iv in ordered],
+            },
+        )
+        return {row[0] for row in result}
+    won: set[uuid.UUID] = set()
+    for iv in ordered:
+        same_end = (
+            col(UsageInterval.ended_at).is_(None)
+            if iv.ended_at is None
+            else col(UsageInterval.ended_at) == iv.ended_at
+        )
+        moved = conn.execute(
+            update(UsageInterval)
+            .where(
+                col(UsageInterval.id) == iv.id,
+                col(UsageInterval.rated_until) == iv.rated_until,
+                same_end,
+            )
+            .values(rated_until=ends[iv.id])
+        ).rowcount
+        if moved == 1:
+            won.add(iv.id)
+    return won
+
+
 def rate(session: Session, *, until: datetime | None = None, limit: int | None = 5000) -> int:
     """Rate elapsed time, up to the last whole hour before `until` (default now); returns the
     number of intervals that moved forward."""
@@ -206,28 +267,14 @@ def rate(session: Session, *, until: datetime | None = None, limit: int | None =
     }
     moved = 0
     rows: list[dict[str, Any]] = []
-    conn = session.connection()
-    # row locks in id order, like apply_events and any other rating pass take them: no deadlock
+    ends = {
+        iv.id: min(target, iv.ended_at) if iv.ended_at is not None else target for iv in intervals
+    }
+    won = _advance(session, intervals, ends)
     for iv in sorted(intervals, key=lambda i: i.id):
-        end = min(target, iv.ended_at) if iv.ended_at is not None else target
-        # the end read above must still hold too: an event closing the interval meanwhile
-        # makes this pass lose, and the next one rates up to the new end
-        same_end = (
-            col(UsageInterval.ended_at).is_(None)
-            if iv.ended_at is None
-            else col(UsageInterval.ended_at) == iv.ended_at
-        )
-        won = conn.execute(
-            update(UsageInterval)
-            .where(
-                col(UsageInterval.id) == iv.id,
-                col(UsageInterval.rated_until) == iv.rated_until,
-                same_end,
-            )
-            .values(rated_until=end)
-        ).rowcount
-        if won != 1:
+        if iv.id not in won:
             continue
+        end = ends[iv.id]
         moved += 1
         contract = contracts.get(iv.contract_id) if iv.contract_id is not None else None
         company = contract.service_company_id if contract is not None else iv.service_company_id

@@ -45,7 +45,13 @@ def exact_amount(unit_price: Decimal, quantity: int, seconds: int, resource_clas
 
 
 def line_amount(unit_price: Decimal, quantity: int, seconds: int, resource_class: str) -> int:
-    return round_half_up(exact_amount(unit_price, quantity, seconds, resource_class))
+    """round_half_up(exact_amount(...)) in plain integers: the same result without building
+    Fractions (a statement has one line per server and class)."""
+    num, den = unit_price.as_integer_ratio()
+    n = num * quantity * seconds
+    d = den * HOUR * PRICE_UNIT.get(resource_class, 1)
+    whole, rest = divmod(abs(n), d)
+    return (-1 if n < 0 else 1) * (whole + (1 if 2 * rest >= d else 0))
 
 
 def percent_of(amount: int, pct: Decimal) -> int:
@@ -70,7 +76,9 @@ def month_of(at: datetime) -> str:
 def parse_month(month: str) -> tuple[int, int]:
     """'2026-10' → (2026, 10); ValueError on anything else."""
     year, sep, mon = month.partition("-")
-    if not sep or len(year) != 4 or len(mon) != 2 or not (year.isdigit() and mon.isdigit()):
+    digits = year + mon
+    # ASCII only: str.isdigit() also takes full-width and other scripts' digits
+    if not sep or len(year) != 4 or len(mon) != 2 or not (digits.isascii() and digits.isdigit()):
         raise ValueError("a month looks like 2026-10")
     y, m = int(year), int(mon)
     if not 1 <= m <= 12 or y < 2000:

@@ -11,13 +11,14 @@ import hashlib
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from decimal import Decimal
+from itertools import groupby
 from typing import Any
 
-from sqlalchemy import String, Uuid, column, delete, func, insert, or_, table
+from sqlalchemy import String, Uuid, case, column, delete, func, insert, or_, table
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -150,6 +151,9 @@ def compute_lines(
     return lines
 
 
+_LINE_FIELDS = tuple(f.name for f in fields(Line))
+
+
 def compute_totals(lines: Sequence[Line], discount_pct: Decimal) -> tuple[int, int, int]:
     """(subtotal, discount, total) in fen: the discount is rounded once, on the subtotal."""
     subtotal = sum(ln.amount for ln in lines)
@@ -169,7 +173,7 @@ def content_hash(header: Mapping[str, Any], lines: Sequence[Line]) -> str:
 
     body = {
         "header": {k: plain(v) for k, v in sorted(header.items())},
-        "lines": [[plain(v) for v in asdict(ln).values()] for ln in lines],
+        "lines": [[plain(getattr(ln, f)) for f in _LINE_FIELDS] for ln in lines],
     }
     blob = json.dumps(body, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -239,6 +243,45 @@ def _usage(
     return out
 
 
+def _usage_stream(
+    session: Session, month: str, contract_ids: Sequence[uuid.UUID]
+) -> Generator[tuple[uuid.UUID, list[Usage]]]:
+    """(contract id, its usage) in contract id order, read through a server-side cursor: one
+    scan for the whole month, one contract's rows in memory at a time."""
+    seconds = func.sum(RatedUsage.seconds)
+    keys = (
+        col(RatedUsage.contract_id),
+        col(RatedUsage.server_id),
+        _SERVER.c.name,
+        col(RatedUsage.tenant_id),
+        col(RatedUsage.resource_class),
+        col(RatedUsage.quantity),
+        col(RatedUsage.unit_price),
+        col(RatedUsage.price_item_id),
+    )
+    result = session.connection().execute(
+        sa_select(*keys, seconds)
+        .join(_SERVER, _SERVER.c.id == col(RatedUsage.server_id))
+        .where(
+            col(RatedUsage.month) == month,
+            col(RatedUsage.in_contract).is_(True),
+            col(RatedUsage.contract_id).in_(contract_ids),
+        )
+        .group_by(*keys)
+        .order_by(col(RatedUsage.contract_id)),
+        execution_options={"stream_results": True, "yield_per": 5000},
+    )
+    with result:
+        for cid, rows in groupby(result, key=lambda r: r[0]):
+            yield (
+                cid,
+                [
+                    Usage(sid, name, tid, cls, int(qty), Decimal(price), item, int(secs))
+                    for _, sid, name, tid, cls, qty, price, item, secs in rows
+                ],
+            )
+
+
 def _limits(session: Session) -> dict[uuid.UUID, tuple[int | None, int | None]]:
     rows = session.execute(
         sa_select(
@@ -269,13 +312,40 @@ def _contracts_in(
     )
     if agency_id is not None:
         if session.get(Tenant, agency_id) is None:
-            raise NotFound(f"agency {agency_id} not found")
+            raise Invalid.field("agency_id", "no such agency", "not_found")
         stmt = stmt.where(Contract.agency_id == agency_id)
     if contract_id is not None:
         if session.get(Contract, contract_id) is None:
-            raise NotFound(f"contract {contract_id} not found")
+            raise Invalid.field("contract_id", "no such contract", "not_found")
         stmt = stmt.where(Contract.id == contract_id)
     return list(session.execute(stmt).scalars())
+
+
+_LINE_COLUMNS = ("id", "statement_id", "position", *_LINE_FIELDS)
+_COPY_LINES = f"COPY statement_line ({', '.join(_LINE_COLUMNS)}) FROM STDIN"
+
+
+def _insert_lines(session: Session, statement_id: uuid.UUID, lines: Sequence[Line]) -> None:
+    """One statement's lines, as they are computed (never the whole month in memory): COPY on
+    PostgreSQL, a Core executemany elsewhere."""
+    if not lines:
+        return
+    rows = (
+        (uuid.uuid4(), statement_id, i, *(getattr(ln, f) for f in _LINE_FIELDS))
+        for i, ln in enumerate(lines, 1)
+    )
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        with raw.cursor() as cur, cur.copy(_COPY_LINES) as copy:
+            for row in rows:
+                copy.write_row(row)
+    else:
+        conn.execute(
+            insert(StatementLine.__table__),  # type: ignore[attr-defined]
+            [dict(zip(_LINE_COLUMNS, row, strict=True)) for row in rows],
+        )
 
 
 def generate(
@@ -297,7 +367,6 @@ def generate(
     if not contracts:
         return []
     ids = [c.id for c in contracts]
-    usage = _usage(session, month, ids)
     limits = _limits(session)
     existing = {
         s.contract_id: s
@@ -311,9 +380,16 @@ def generate(
     if redrafted:
         session.execute(delete(StatementLine).where(col(StatementLine.statement_id).in_(redrafted)))
     out: list[Statement] = []
-    new_lines: list[dict[str, Any]] = []
-    for contract in contracts:
-        lines = compute_lines(usage.get(contract.id, []), limits)
+    by_id = {c.id: c for c in contracts}
+    usage = _usage_stream(session, month, ids)
+    pending = next(usage, None)
+    for cid in sorted(by_id):
+        contract = by_id[cid]
+        mine: list[Usage] = []
+        if pending is not None and pending[0] == cid:
+            mine = pending[1]
+            pending = next(usage, None)
+        lines = compute_lines(mine, limits)
         totals = compute_totals(lines, contract.discount_pct)
         statement = existing.get(contract.id)
         if statement is not None and statement.state == StatementState.final:
@@ -352,13 +428,10 @@ def generate(
         statement.generated_by = principal.username[:64]
         session.add(statement)
         session.flush()
-        new_lines.extend(
-            {"id": uuid.uuid4(), "statement_id": statement.id, "position": i, **asdict(ln)}
-            for i, ln in enumerate(lines, 1)
-        )
+        _insert_lines(session, statement.id, lines)
         out.append(statement)
-    if new_lines:
-        session.connection().execute(insert(StatementLine.__table__), new_lines)  # type: ignore[attr-defined]
+    usage.close()
+    out.sort(key=lambda st: by_id[st.contract_id].number)
     audit.record(
         session,
         principal,
@@ -409,13 +482,17 @@ def _load(
     action: str,
     *,
     lock: bool = False,
+    subject: str | None = None,
 ) -> Statement:
+    """`subject` names what the caller asked for in a not-found answer (a note on another
+    agency's statement must look missing, not reveal the statement's id)."""
+    subject = subject or f"statement {statement_id}"
     statement = session.get(Statement, statement_id, with_for_update=lock or None)
     if statement is None:
-        raise NotFound(f"statement {statement_id} not found")
+        raise NotFound(f"{subject} not found")
     agency = session.get(Tenant, statement.agency_id)
     assert agency is not None
-    authorize(principal, action, agency, subject=f"statement {statement_id}")
+    authorize(principal, action, agency, subject=subject)
     return statement
 
 
@@ -510,7 +587,9 @@ def decide_adjustment(
     note = session.get(Adjustment, adjustment_id, with_for_update=True)
     if note is None:
         raise NotFound(f"adjustment {adjustment_id} not found")
-    statement = _load(session, principal, note.statement_id, READ)
+    statement = _load(
+        session, principal, note.statement_id, READ, subject=f"adjustment {adjustment_id}"
+    )
     require_center(session, principal, MANAGE)
     if note.state != AdjustmentState.proposed:
         raise Conflict(f"adjustment {note.id} is already {note.state}")
@@ -676,32 +755,45 @@ def burndown(session: Session, principal: Principal, contract: Contract) -> dict
 def spend(
     session: Session, principal: Principal, *, month_from: str | None, month_to: str | None
 ) -> list[dict[str, Any]]:
-    """The center's view: billed amounts by agency × service company × month."""
+    """The center's view: billed amounts by agency × service company × month, statements'
+    totals with their approved credit and debit notes (as the burn-down counts them)."""
     require_center(session, principal, READ)
-    stmt = sa_select(
-        col(Statement.agency_id),
-        col(Statement.service_company_id),
-        col(Statement.month),
-        func.count(),
-        func.sum(Statement.total_amount),
-    ).group_by(col(Statement.agency_id), col(Statement.service_company_id), col(Statement.month))
-    for bound, op in ((month_from, "ge"), (month_to, "le")):
+    bounds = []
+    for name, bound, op in (("month_from", month_from, "ge"), ("month_to", month_to, "le")):
         if bound is not None:
             try:
                 rating.parse_month(bound)
             except ValueError as exc:
-                raise Invalid.field("month_from" if op == "ge" else "month_to", str(exc)) from exc
-            stmt = stmt.where(
+                raise Invalid.field(name, str(exc)) from exc
+            bounds.append(
                 col(Statement.month) >= bound if op == "ge" else col(Statement.month) <= bound
             )
-    rows = session.execute(stmt.order_by(col(Statement.month), col(Statement.agency_id))).all()
+    keys = (col(Statement.agency_id), col(Statement.service_company_id), col(Statement.month))
+    rows = session.execute(
+        sa_select(*keys, func.count(), func.sum(Statement.total_amount))
+        .where(*bounds)
+        .group_by(*keys)
+        .order_by(col(Statement.month), col(Statement.agency_id))
+    ).all()
+    signed = case(
+        (col(Adjustment.kind) == "debit", col(Adjustment.amount)), else_=-col(Adjustment.amount)
+    )
+    notes = {
+        (a, c, m): int(t or 0)
+        for a, c, m, t in session.execute(
+            sa_select(*keys, func.sum(signed))
+            .join(Adjustment, col(Adjustment.statement_id) == col(Statement.id))
+            .where(col(Adjustment.state) == AdjustmentState.approved.value, *bounds)
+            .group_by(*keys)
+        ).all()
+    }
     return [
         {
             "agency_id": a,
             "service_company_id": c,
             "month": m,
             "statements": int(n),
-            "total_amount": int(t or 0),
+            "total_amount": int(t or 0) + notes.get((a, c, m), 0),
         }
         for a, c, m, n, t in rows
     ]

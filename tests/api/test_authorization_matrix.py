@@ -1593,12 +1593,6 @@ def test_billing_is_read_in_scope_and_written_by_the_center(case, bill_refs, cli
         assert table_rows(db, BILLING_TABLES) == before, "a refused request changed billing"
 
 
-_DECISION_LEAK = pytest.mark.xfail(
-    strict=True,
-    reason="bug in billing/statements.py decide_adjustment: for a note on another agency's "
-    "statement the 404 says 'statement <its id> not found' (leaking the statement's id), for a "
-    "missing note 'adjustment <id> not found'",
-)
 # (method, path with agency B's object, the same with an id that exists nowhere, body)
 # fmt: off
 BILLING_HIDDEN_VS_MISSING = [
@@ -1615,9 +1609,9 @@ BILLING_HIDDEN_VS_MISSING = [
     pytest.param("POST", "/api/v1/statements/{final[b]}/adjustments",
                  "/api/v1/statements/{missing}/adjustments", NOTE),
     pytest.param("POST", "/api/v1/adjustments/{adj[b]}/approve",
-                 "/api/v1/adjustments/{missing}/approve", None, marks=_DECISION_LEAK),
+                 "/api/v1/adjustments/{missing}/approve", None),
     pytest.param("POST", "/api/v1/adjustments/{adj[b]}/reject",
-                 "/api/v1/adjustments/{missing}/reject", None, marks=_DECISION_LEAK),
+                 "/api/v1/adjustments/{missing}/reject", None),
     pytest.param("GET", EXPORT_SEPTEMBER + "&agency_id={t[b]}",
                  EXPORT_SEPTEMBER + "&agency_id={missing}", None),
 ]
