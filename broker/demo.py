@@ -10,7 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from billing import contracts, prices, rating
 from billing.schemas import ContractCreate, PriceCatalogCreate, PriceItemIn
@@ -482,4 +482,39 @@ def seed_self_service(db: SessionSource) -> list[str]:
         if submitted.claimed is not None:
             state = executor.run(db, submitted.claimed) or state
         lines.append(f"{request['name']}: {state}")
+    date_history(db)
     return lines
+
+
+def date_history(db: SessionSource) -> int:
+    """Demo data only: the seeded estate has been running since the first of the month, so its
+    statements have hours to show on the first visit. Servers adopted before their agency
+    signed are bound to its contract, and every seeded lifecycle event is dated back, one
+    server after another from the 1st at 08:00; returns the events moved."""
+    from datetime import timedelta
+
+    from billing.models import Contract, LifecycleEvent
+    from broker.inventory.models import Server
+
+    start = rating.local_midnight(clock.now().astimezone(rating.zone()).date().replace(day=1))
+    start += timedelta(hours=8)
+    moved = 0
+    with db.unit_of_work() as session:
+        contract_of = {c.agency_id: c.id for c in session.exec(select(Contract))}
+        offsets: dict[uuid.UUID, timedelta] = {}
+        for event in session.exec(select(LifecycleEvent).order_by(col(LifecycleEvent.at))):
+            server = session.get(Server, event.server_id)
+            if server is None or event.metered_at is not None:
+                continue
+            if event.agency_id is not None and event.contract_id is None:
+                event.contract_id = contract_of.get(event.agency_id)
+                if server.tenant_id is not None and server.contract_id is None:
+                    server.contract_id = event.contract_id
+                    session.add(server)
+            offsets.setdefault(event.server_id, timedelta(hours=5 * len(offsets)))
+            # a server's events keep their order, a minute apart
+            event.at = min(start + offsets[event.server_id], clock.now())
+            offsets[event.server_id] += timedelta(minutes=1)
+            session.add(event)
+            moved += 1
+    return moved

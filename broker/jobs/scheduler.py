@@ -13,7 +13,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 
 import structlog
@@ -70,6 +70,9 @@ class LeaderScheduler(BackgroundScheduler):
                 id=job.name,
                 max_instances=1,
                 coalesce=True,
+                # soon after start rather than one whole interval later: an hourly job (metering)
+                # must catch up on the downtime before it
+                next_run_time=datetime.now(UTC) + timedelta(seconds=min(job.every_seconds, 30)),
             )
         self.add_job(
             _heartbeat,
