@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import or_
+from sqlalchemy import false, or_
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from billing import rating
 from billing.models import Contract, ContractStatus, ServiceCompany
@@ -23,6 +24,7 @@ from broker.tenancy.authz import authorize
 from broker.tenancy.models import Tenant, TenantKind, TenantStatus
 
 READ = "billing.read"
+T = TypeVar("T")
 
 
 def _snapshot(c: Contract) -> dict[str, Any]:
@@ -116,6 +118,16 @@ def update_contract(
     return contract
 
 
+def in_scope(stmt: SelectOfScalar[T], principal: Principal, agency_id: Any) -> SelectOfScalar[T]:
+    """Billing objects whose agency lies where the principal may read billing: filtered in
+    SQL, by the agencies' materialised paths (no right anywhere: nothing)."""
+    prefixes = principal.prefixes(READ)
+    stmt = stmt.join(Tenant, col(Tenant.id) == agency_id)
+    if not prefixes:
+        return stmt.where(false())
+    return stmt.where(or_(*[col(Tenant.path).startswith(p) for p in prefixes]))
+
+
 def list_contracts(
     session: Session,
     principal: Principal,
@@ -123,14 +135,8 @@ def list_contracts(
     agency_id: uuid.UUID | None = None,
     status: str | None = None,
 ) -> list[Contract]:
-    prefixes = principal.prefixes(READ)
-    if not prefixes:
-        return []
-    stmt = (
-        select(Contract)
-        .join(Tenant, col(Tenant.id) == col(Contract.agency_id))
-        .where(or_(*[col(Tenant.path).startswith(p) for p in prefixes]))
-        .order_by(col(Contract.number))
+    stmt = in_scope(select(Contract), principal, col(Contract.agency_id)).order_by(
+        col(Contract.number)
     )
     if agency_id is not None:
         stmt = stmt.where(Contract.agency_id == agency_id)

@@ -23,6 +23,7 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from billing import metering, rating
+from billing.contracts import in_scope
 from billing.models import (
     Adjustment,
     AdjustmentState,
@@ -202,45 +203,6 @@ def _month(month: str, now: datetime) -> tuple[datetime, datetime]:
     if start > now:
         raise Invalid.field("month", f"{month} has not begun", "future")
     return start, end
-
-
-def _usage(
-    session: Session, month: str, contract_ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, list[Usage]]:
-    seconds = func.sum(RatedUsage.seconds)
-    rows = session.execute(
-        sa_select(
-            col(RatedUsage.contract_id),
-            col(RatedUsage.server_id),
-            _SERVER.c.name,
-            col(RatedUsage.tenant_id),
-            col(RatedUsage.resource_class),
-            col(RatedUsage.quantity),
-            col(RatedUsage.unit_price),
-            col(RatedUsage.price_item_id),
-            seconds,
-        )
-        .join(_SERVER, _SERVER.c.id == col(RatedUsage.server_id))
-        .where(
-            col(RatedUsage.month) == month,
-            col(RatedUsage.in_contract).is_(True),
-            col(RatedUsage.contract_id).in_(contract_ids),
-        )
-        .group_by(
-            col(RatedUsage.contract_id),
-            col(RatedUsage.server_id),
-            _SERVER.c.name,
-            col(RatedUsage.tenant_id),
-            col(RatedUsage.resource_class),
-            col(RatedUsage.quantity),
-            col(RatedUsage.unit_price),
-            col(RatedUsage.price_item_id),
-        )
-    ).all()
-    out: dict[uuid.UUID, list[Usage]] = defaultdict(list)
-    for cid, sid, name, tid, cls, qty, price, item, secs in rows:
-        out[cid].append(Usage(sid, name, tid, cls, int(qty), Decimal(price), item, int(secs)))
-    return out
 
 
 def _usage_stream(
@@ -544,9 +506,8 @@ def recompute_hash(session: Session, statement: Statement) -> str:
     """What the statement's hash is when recomputed from fresh rating (finalized or not)."""
     contract = session.get(Contract, statement.contract_id)
     assert contract is not None
-    lines = compute_lines(
-        _usage(session, statement.month, [contract.id]).get(contract.id, []), _limits(session)
-    )
+    usage = dict(_usage_stream(session, statement.month, [contract.id]))
+    lines = compute_lines(usage.get(contract.id, []), _limits(session))
     totals = compute_totals(lines, contract.discount_pct)
     return content_hash(_header(contract, statement.month, totals), lines)
 
@@ -643,14 +604,8 @@ def list_statements(
     contract_id: uuid.UUID | None = None,
     state: str | None = None,
 ) -> list[Statement]:
-    prefixes = principal.prefixes(READ)
-    if not prefixes:
-        return []
-    stmt = (
-        select(Statement)
-        .join(Tenant, col(Tenant.id) == col(Statement.agency_id))
-        .where(or_(*[col(Tenant.path).startswith(p) for p in prefixes]))
-        .order_by(col(Statement.month).desc(), col(Tenant.code), col(Statement.contract_id))
+    stmt = in_scope(select(Statement), principal, col(Statement.agency_id)).order_by(
+        col(Statement.month).desc(), col(Tenant.code), col(Statement.contract_id)
     )
     for column_, value in (
         (Statement.month, month),
