@@ -8,12 +8,12 @@ import uuid
 from datetime import date, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import false, or_
+from sqlalchemy import false, func, or_
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from billing import rating
-from billing.models import Contract, ContractStatus, ServiceCompany
+from billing.models import Contract, ContractStatus, ServiceCompany, UsageInterval
 from billing.prices import MANAGE, require_center
 from billing.schemas import ContractCreate, ContractUpdate
 from broker.audit import service as audit
@@ -100,6 +100,8 @@ def update_contract(
         "terminated"
     ):
         raise Conflict.field("status", "a terminated contract stays terminated", "terminated")
+    if "ends_on" in changes and changes["ends_on"] != contract.ends_on:
+        _check_period_change(session, contract, changes["ends_on"])
     for name, value in changes.items():
         setattr(contract, name, value)
     contract.updated_at = clock.now()
@@ -126,6 +128,27 @@ def in_scope(stmt: SelectOfScalar[T], principal: Principal, agency_id: Any) -> S
     if not prefixes:
         return stmt.where(false())
     return stmt.where(or_(*[col(Tenant.path).startswith(p) for p in prefixes]))
+
+
+def _check_period_change(session: Session, contract: Contract, ends_on: date) -> None:
+    """A contract's end may move only where nothing has been rated yet: time already rated was
+    paid by this contract or by none according to the old end, and moving the end behind it
+    would leave that time on no statement, or unassigned for ever."""
+    old_end = rating.contract_window(contract.id, contract.starts_on, contract.ends_on).end
+    new_end = rating.contract_window(contract.id, contract.starts_on, ends_on).end
+    rated = session.execute(
+        select(func.max(col(UsageInterval.rated_until))).where(
+            UsageInterval.agency_id == contract.agency_id,
+            UsageInterval.service_company_id == contract.service_company_id,
+        )
+    ).scalar_one()
+    if rated is not None and min(old_end, new_end) < rated:
+        raise Conflict.field(
+            "ends_on",
+            f"usage up to {rated.isoformat()} is already rated under the current period; the "
+            "end can move only ahead of that (sign a renewal contract to continue)",
+            "already_rated",
+        )
 
 
 def list_contracts(

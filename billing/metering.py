@@ -19,14 +19,16 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import func, or_, text, update
+from sqlalchemy import case, func, or_, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from billing import rating
 from billing.models import (
+    UNASSIGNED,
     Contract,
+    ContractStatus,
     LifecycleEvent,
     LifecycleKind,
     PriceCatalog,
@@ -40,6 +42,29 @@ from broker.core.db import SessionSource
 log = structlog.get_logger(__name__)
 
 _ENDING = frozenset({LifecycleKind.deleted.value, LifecycleKind.gone.value})
+# events of one instant apply in the order things happen to a server: it is seen, then owned,
+# then changed, then it ends (event ids are random and order nothing)
+_KIND_RANK = case(
+    {
+        LifecycleKind.discovered.value: 0,
+        LifecycleKind.created.value: 1,
+        LifecycleKind.adopted.value: 2,
+        LifecycleKind.deleted.value: 4,
+        LifecycleKind.gone.value: 4,
+    },
+    value=col(LifecycleEvent.kind),
+    else_=3,
+)
+# one key for every billing writer on PostgreSQL (metering batches, statements): they take
+# turns, so they cannot deadlock on each other's row locks or race to create one statement
+_BILLING_LOCK = text("SELECT pg_advisory_xact_lock(7023615490417245)")
+
+
+def billing_lock(session: Session) -> None:
+    """Serialize billing writers until the caller's transaction ends (SQLite's writers are
+    serialized already)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.connection().execute(_BILLING_LOCK)
 
 
 def _wanted(event: LifecycleEvent) -> dict[str, int]:
@@ -54,10 +79,11 @@ def _wanted(event: LifecycleEvent) -> dict[str, int]:
 
 def apply_events(session: Session, *, limit: int | None = 5000) -> int:
     """Turn up to `limit` unmetered events into intervals; returns how many were applied."""
+    billing_lock(session)
     stmt = (
         select(LifecycleEvent)
         .where(col(LifecycleEvent.metered_at).is_(None))
-        .order_by(col(LifecycleEvent.at), col(LifecycleEvent.id))
+        .order_by(col(LifecycleEvent.at), _KIND_RANK, col(LifecycleEvent.id))
         .limit(limit)
     )
     if session.get_bind().dialect.name == "postgresql":
@@ -78,13 +104,42 @@ def apply_events(session: Session, *, limit: int | None = 5000) -> int:
         open_stmt = open_stmt.order_by(col(UsageInterval.id)).with_for_update()
     for iv in session.execute(open_stmt.execution_options(populate_existing=True)).scalars():
         open_by_server[iv.server_id][iv.resource_class] = iv
+    latest = _latest_applied(session, servers)
     metered = clock.now()
     for event in events:
-        _apply(session, event, open_by_server[event.server_id])
+        # an event older than one already applied to its server describes a state that has
+        # been overtaken (a late commit): applying it would reopen a deleted server or bill the
+        # same time at two sizes, so it is marked metered and changes nothing
+        seen = latest.get(event.server_id)
+        if seen is None or event.at >= seen:
+            _apply(session, event, open_by_server[event.server_id])
+            latest[event.server_id] = event.at
+        else:
+            log.warning(
+                "lifecycle event older than its server's last: skipped",
+                event_id=str(event.id),
+                server=str(event.server_id),
+                kind=event.kind,
+            )
         event.metered_at = metered
         session.add(event)
     session.flush()
     return len(events)
+
+
+def _latest_applied(session: Session, servers: set[uuid.UUID]) -> dict[uuid.UUID, datetime]:
+    """Per server, the time of the last event metering applied: the latest start or end of
+    its intervals (every applied event that changed anything opened or closed one)."""
+    rows = session.execute(
+        select(
+            col(UsageInterval.server_id),
+            func.max(col(UsageInterval.started_at)),
+            func.max(col(UsageInterval.ended_at)),
+        )
+        .where(col(UsageInterval.server_id).in_(servers))
+        .group_by(col(UsageInterval.server_id))
+    ).all()
+    return {sid: max(t for t in (started, ended) if t is not None) for sid, started, ended in rows}
 
 
 def _apply(session: Session, event: LifecycleEvent, current: dict[str, UsageInterval]) -> None:
@@ -168,7 +223,7 @@ def _upsert(session: Session, rows: list[dict[str, Any]]) -> None:
     make = pg_insert if dialect == "postgresql" else sqlite_insert
     stmt = make(RatedUsage.__table__)  # type: ignore[attr-defined]
     stmt = stmt.on_conflict_do_update(
-        index_elements=["interval_id", "month", "price_item_id", "in_contract"],
+        index_elements=["interval_id", "month", "price_item_id", "billed_to"],
         set_={
             "seconds": stmt.table.c.seconds + stmt.excluded.seconds,
             "last_at": stmt.excluded.last_at,
@@ -238,10 +293,18 @@ def _advance(
     return won
 
 
-def rate(session: Session, *, until: datetime | None = None, limit: int | None = 5000) -> int:
-    """Rate elapsed time, up to the last whole hour before `until` (default now); returns the
-    number of intervals that moved forward."""
-    target = rating.floor_hour(until or clock.now())
+def rate(
+    session: Session,
+    *,
+    until: datetime | None = None,
+    limit: int | None = 5000,
+    exact: bool = False,
+) -> int:
+    """Rate elapsed time, up to the last whole hour before `until` (default now), or up to
+    `until` itself when `exact` (a month's end, which is not a whole UTC hour in every zone);
+    returns the number of intervals that moved forward."""
+    billing_lock(session)
+    target = (until or clock.now()) if exact else rating.floor_hour(until or clock.now())
     stmt = (
         select(UsageInterval)
         .where(
@@ -258,13 +321,11 @@ def rate(session: Session, *, until: datetime | None = None, limit: int | None =
     if not intervals:
         return 0
     prices = _Prices.load(session)
-    contract_ids = {iv.contract_id for iv in intervals if iv.contract_id is not None}
-    contracts = {
-        c.id: c
-        for c in session.execute(
-            select(Contract).where(col(Contract.id).in_(contract_ids))
-        ).scalars()
-    }
+    contracts = {c.id: c for c in session.execute(select(Contract)).scalars()}
+    signed: dict[tuple[uuid.UUID, uuid.UUID], list[Contract]] = defaultdict(list)
+    for c in sorted(contracts.values(), key=lambda c: (c.starts_on, c.number)):
+        if c.status != ContractStatus.terminated:
+            signed[(c.agency_id, c.service_company_id)].append(c)
     moved = 0
     rows: list[dict[str, Any]] = []
     ends = {
@@ -278,14 +339,19 @@ def rate(session: Session, *, until: datetime | None = None, limit: int | None =
         moved += 1
         contract = contracts.get(iv.contract_id) if iv.contract_id is not None else None
         company = contract.service_company_id if contract is not None else iv.service_company_id
-        window = rating.contract_window(contract.starts_on, contract.ends_on) if contract else None
+        # the server's own contract pays where it runs; outside it, the agency's other contracts
+        # with the same company (a renewal, or one signed after the server was built)
+        payers = [contract] if contract is not None else []
+        if iv.agency_id is not None and company is not None:
+            payers += [c for c in signed[(iv.agency_id, company)] if c is not contract]
+        windows = [rating.contract_window(c.id, c.starts_on, c.ends_on) for c in payers]
         for piece in rating.cut(
             iv.rated_until,
             end,
             resource_class=iv.resource_class,
             is_powered=iv.powered,
             prices=prices.of(company, iv.resource_class),
-            contract=window,
+            contracts=windows,
         ):
             rows.append(
                 {
@@ -294,8 +360,9 @@ def rate(session: Session, *, until: datetime | None = None, limit: int | None =
                     "server_id": iv.server_id,
                     "tenant_id": iv.tenant_id,
                     "agency_id": iv.agency_id,
-                    "contract_id": iv.contract_id if piece.in_contract else None,
+                    "contract_id": piece.contract_id,
                     "in_contract": piece.in_contract,
+                    "billed_to": piece.contract_id or UNASSIGNED,
                     "service_company_id": company,
                     "provider_id": iv.provider_id,
                     "price_item_id": piece.price.item_id,
@@ -308,7 +375,7 @@ def rate(session: Session, *, until: datetime | None = None, limit: int | None =
                     "last_at": piece.end,
                 }
             )
-    # rows of one interval never collide within a batch: its pieces differ in month, price or side
+    # rows of one interval never collide within a batch: its pieces differ in month, price or payer
     _upsert(session, rows)
     session.expire_all()
     return moved
@@ -349,7 +416,7 @@ def catch_up(session: Session, *, until: datetime) -> None:
     so a month is complete before it is summed)."""
     while apply_events(session, limit=5000):
         pass
-    while rate(session, until=until, limit=5000):
+    while rate(session, until=until, limit=5000, exact=True):
         pass
 
 

@@ -46,6 +46,8 @@ from broker.core.ids import new_id
 
 # unit prices are fen per unit-hour with sub-fen precision; amounts are integer fen
 PRICE = Numeric(18, 6)
+# who pays for rated usage outside every contract
+UNASSIGNED = uuid.UUID(int=0)
 
 
 class LifecycleKind(StrEnum):
@@ -228,7 +230,7 @@ class RatedUsage(SQLModel, table=True):
 
     __tablename__ = "rated_usage"
     __table_args__ = (
-        UniqueConstraint("interval_id", "month", "price_item_id", "in_contract"),
+        UniqueConstraint("interval_id", "month", "price_item_id", "billed_to"),
         Index("ix_rated_usage_month_contract_id", "month", "contract_id"),
     )
 
@@ -240,6 +242,8 @@ class RatedUsage(SQLModel, table=True):
     # null: outside any contract (unmanaged servers, time outside the contract's period)
     contract_id: uuid.UUID | None = Field(default=None, sa_column=Column(Uuid(), nullable=True))
     in_contract: bool = Field(sa_column=Column(Boolean(), nullable=False))
+    # the contract, or UNASSIGNED: a key column cannot be NULL and still tell rows apart
+    billed_to: uuid.UUID = Field(sa_column=Column(Uuid(), nullable=False))
     service_company_id: uuid.UUID = Field(sa_column=Column(Uuid(), nullable=False))
     provider_id: uuid.UUID = Field(sa_column=Column(Uuid(), nullable=False))
     price_item_id: uuid.UUID = Field(sa_column=_fk("price_item.id"))

@@ -43,6 +43,8 @@ def create_catalog(
 ) -> PriceCatalog:
     require_center(session, principal, MANAGE)
     company = _company(session, company_id)
+    # two first versions of one company's list must not both become version 1
+    session.refresh(company, with_for_update=True)
     known = set(session.execute(select(_RESOURCE_CLASS.c.code)).scalars())
     for i, item in enumerate(data.items):
         if item.resource_class not in known:

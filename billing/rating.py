@@ -24,8 +24,15 @@ from broker.core.settings import get_settings
 HOUR = 3600
 # what a price is per: memory is held in MiB and priced per GiB-hour
 PRICE_UNIT: dict[str, int] = {"memory_mb": 1024}
-# classes a powered-off server stops paying for, unless its price list says otherwise
-COMPUTE_CLASSES = frozenset({"vcpu", "memory_mb"})
+# classes a powered-off server stops paying for (it keeps paying for storage and public IPs),
+# unless its price list says otherwise; bandwidth carries no traffic while the server is off
+COMPUTE_CLASSES = frozenset({"vcpu", "memory_mb", "bandwidth_mbps"})
+# dates billing accepts (contract periods, price lists): far enough for any real contract, near
+# enough that every date has a midnight in every zone
+FIRST_DAY = date(2000, 1, 1)
+LAST_DAY = date(2199, 12, 31)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
 POWERED_OFF_STATES = frozenset({"stopped", "suspended"})
 # counted by quota, not billed: a server is paid for by what it holds
 UNBILLED_CLASSES = frozenset({"instances"})
@@ -127,6 +134,24 @@ class PriceWindow:
 
 
 @dataclass(frozen=True)
+class ContractWindow:
+    """A contract's period as instants, [start, end)."""
+
+    contract_id: uuid.UUID
+    start: datetime
+    end: datetime
+
+    def covers(self, at: datetime) -> bool:
+        return self.start <= at < self.end
+
+
+def whole_seconds(at: datetime) -> int:
+    """Seconds since the epoch, floored: a piece's seconds are the difference of its ends', so
+    pieces cut anywhere (even between two seconds) add up to the whole."""
+    return (at - _EPOCH) // _SECOND
+
+
+@dataclass(frozen=True)
 class Cut:
     """A piece of an interval that is rated one way."""
 
@@ -134,11 +159,16 @@ class Cut:
     end: datetime
     month: str
     price: PriceWindow
-    in_contract: bool
+    # the contract that pays for the piece; None: outside every contract (unassigned)
+    contract_id: uuid.UUID | None
+
+    @property
+    def in_contract(self) -> bool:
+        return self.contract_id is not None
 
     @property
     def seconds(self) -> int:
-        return int((self.end - self.start).total_seconds())
+        return whole_seconds(self.end) - whole_seconds(self.start)
 
 
 def cut(
@@ -148,18 +178,20 @@ def cut(
     resource_class: str,
     is_powered: bool,
     prices: Sequence[PriceWindow],
-    contract: tuple[datetime, datetime] | None,
+    contracts: Sequence[ContractWindow] = (),
 ) -> list[Cut]:
-    """Cut [start, end) at month starts, price changes and the contract's period; drop the
-    pieces nothing prices (no price in force, or compute while powered off unless the price list
-    bills it). Neighbouring pieces rated alike are merged."""
+    """Cut [start, end) at month starts, price changes and contract periods; drop the pieces
+    nothing prices (no price in force, or compute while powered off unless the price list bills
+    it). Each piece is paid by the first of `contracts` whose period covers it (the server's own
+    contract first, then its agency's renewals), or by none. Neighbouring pieces rated alike
+    are merged."""
     if end <= start or resource_class in UNBILLED_CLASSES:
         return []
     marks: set[datetime] = {start, end, *month_starts_between(start, end)}
     for p in prices:
         marks.update(t for t in (p.start, p.end) if t is not None and start < t < end)
-    if contract is not None:
-        marks.update(t for t in contract if start < t < end)
+    for c in contracts:
+        marks.update(t for t in (c.start, c.end) if start < t < end)
     points = sorted(marks)
     out: list[Cut] = []
     for a, b in pairwise(points):
@@ -168,21 +200,23 @@ def cut(
             continue
         if resource_class in COMPUTE_CLASSES and not is_powered and not price.bill_compute_when_off:
             continue
-        inside = contract is not None and contract[0] <= a < contract[1]
-        piece = Cut(a, b, month_of(a), price, inside)
+        payer = next((c.contract_id for c in contracts if c.covers(a)), None)
+        piece = Cut(a, b, month_of(a), price, payer)
         last = out[-1] if out else None
         if (
             last is not None
             and last.end == a
-            and (last.month, last.price, last.in_contract) == (piece.month, price, inside)
+            and (last.month, last.price, last.contract_id) == (piece.month, price, payer)
         ):
-            out[-1] = Cut(last.start, b, last.month, price, inside)
+            out[-1] = Cut(last.start, b, last.month, price, payer)
         else:
             out.append(piece)
     return out
 
 
-def contract_window(starts_on: date, ends_on: date) -> tuple[datetime, datetime]:
+def contract_window(contract_id: uuid.UUID, starts_on: date, ends_on: date) -> ContractWindow:
     """A contract's period as instants: from its first day's midnight to the midnight after its
     last day."""
-    return local_midnight(starts_on), local_midnight(ends_on + timedelta(days=1))
+    return ContractWindow(
+        contract_id, local_midnight(starts_on), local_midnight(ends_on + timedelta(days=1))
+    )

@@ -15,6 +15,8 @@ ClassCode = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*(\.[a-z0-
 Fen = Annotated[int, Field(ge=0, le=10**15)]
 Month = Annotated[str, StringConstraints(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$")]
 Text200 = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+# billing's calendar (contract periods, price lists): years 2000 to 2199
+Day = Annotated[date, Field(ge=date(2000, 1, 1), le=date(2199, 12, 31))]
 
 
 class PriceItemIn(Input):
@@ -28,7 +30,7 @@ class PriceItemIn(Input):
 class PriceCatalogCreate(Input):
     name: Text200
     # the first calendar day (billing time zone) the prices apply
-    effective_from: date
+    effective_from: Day
     bill_compute_when_off: bool = False
     items: list[PriceItemIn] = Field(min_length=1, max_length=64)
 
@@ -71,9 +73,9 @@ class ContractCreate(Input):
     title: Text200
     agency_id: uuid.UUID
     service_company_id: uuid.UUID
-    signed_on: date
-    starts_on: date
-    ends_on: date
+    signed_on: Day
+    starts_on: Day
+    ends_on: Day
     budget_amount: Fen
     discount_pct: Annotated[Decimal, Field(ge=0, lt=100, max_digits=5, decimal_places=2)] = Decimal(
         0
@@ -84,7 +86,7 @@ class ContractCreate(Input):
 class ContractUpdate(Input):
     not_null = frozenset({"title", "ends_on", "budget_amount", "status", "discount_pct"})
     title: Text200 | None = None
-    ends_on: date | None = None
+    ends_on: Day | None = None
     budget_amount: Fen | None = None
     discount_pct: Annotated[Decimal, Field(ge=0, lt=100, max_digits=5, decimal_places=2)] | None = (
         None

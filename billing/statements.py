@@ -84,12 +84,13 @@ class Line:
 def compute_lines(
     usage: Iterable[Usage], limits: Mapping[uuid.UUID, tuple[int | None, int | None]]
 ) -> list[Line]:
-    """One line per usage row, then per server and price item a cap line (negative) bringing
-    the month down to the monthly cap, or a minimum line topping it up to the monthly minimum.
-    Ordered by server, class, price, kind, quantity, then the rest: the order is part of the
-    content hash."""
+    """One line per usage row, then per server and class a cap line (negative) bringing the
+    month down to the monthly cap, or a minimum line topping it up to the monthly minimum: once
+    per server-month, with the cap or minimum of the price list that billed most of it (a
+    price change mid-month does not make two). Ordered by server, class, price, kind,
+    quantity, then the rest: the order is part of the content hash."""
     lines: list[Line] = []
-    per_item: dict[tuple[uuid.UUID, uuid.UUID], list[Line]] = defaultdict(list)
+    per_class: dict[tuple[uuid.UUID, str], list[tuple[Usage, Line]]] = defaultdict(list)
     for u in usage:
         line = Line(
             "usage",
@@ -103,17 +104,20 @@ def compute_lines(
             rating.line_amount(u.unit_price, u.quantity, u.seconds, u.resource_class),
         )
         lines.append(line)
-        per_item[(u.server_id, u.price_item_id)].append(line)
-    for (_, item_id), group in per_item.items():
-        cap, minimum = limits.get(item_id, (None, None))
-        month_amount = sum(g.amount for g in group)
-        first = group[0]
+        per_class[(u.server_id, u.resource_class)].append((u, line))
+    for group in per_class.values():
+        billed: dict[uuid.UUID, int] = defaultdict(int)
+        held: dict[uuid.UUID | None, int] = defaultdict(int)
+        for u, ln in group:
+            billed[u.price_item_id] += ln.seconds
+            held[ln.tenant_id] += ln.seconds
+        item = max(billed, key=lambda i: (billed[i], str(i)))
+        cap, minimum = limits.get(item, (None, None))
+        month_amount = sum(ln.amount for _, ln in group)
         # a server that moved between systems during the month: the cap or minimum goes to the
         # system it spent most of the month in, whatever order the query returned the rows in
-        held: dict[uuid.UUID | None, int] = defaultdict(int)
-        for g in group:
-            held[g.tenant_id] += g.seconds
         tenant = max(held, key=lambda t: (held[t], str(t)))
+        first = next(u for u, _ in group if u.price_item_id == item)
         extra: tuple[str, int] | None = None
         if cap is not None and month_amount > cap:
             extra = ("cap", cap - month_amount)
@@ -128,7 +132,7 @@ def compute_lines(
                     tenant,
                     first.resource_class,
                     0,
-                    sum(g.seconds for g in group),
+                    sum(ln.seconds for _, ln in group),
                     first.unit_price,
                     extra[1],
                 )
@@ -153,6 +157,7 @@ def compute_lines(
 
 
 _LINE_FIELDS = tuple(f.name for f in fields(Line))
+_HASHED_FIELDS = tuple(f for f in _LINE_FIELDS if f != "server_name")
 
 
 def compute_totals(lines: Sequence[Line], discount_pct: Decimal) -> tuple[int, int, int]:
@@ -172,15 +177,22 @@ def content_hash(header: Mapping[str, Any], lines: Sequence[Line]) -> str:
             return str(v)
         return v
 
-    body = {
-        "header": {k: plain(v) for k, v in sorted(header.items())},
-        "lines": [[plain(getattr(ln, f)) for f in _LINE_FIELDS] for ln in lines],
-    }
+    # what cannot change once billed: not the server's name (sync follows renames), and in an
+    # order that does not depend on it
+    facts = sorted(
+        ([plain(getattr(ln, f)) for f in _HASHED_FIELDS] for ln in lines),
+        key=lambda row: json.dumps(row),
+    )
+    body = {"header": {k: plain(v) for k, v in sorted(header.items())}, "lines": facts}
     blob = json.dumps(body, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _header(contract: Contract, month: str, totals: tuple[int, int, int]) -> dict[str, Any]:
+def _header(
+    contract: Contract, month: str, totals: tuple[int, int, int], discount_pct: Decimal
+) -> dict[str, Any]:
+    """The statement's own facts; the discount is the statement's (fixed when it was drafted),
+    not whatever the contract says later."""
     return {
         "agency_id": contract.agency_id,
         "contract_id": contract.id,
@@ -188,7 +200,7 @@ def _header(contract: Contract, month: str, totals: tuple[int, int, int]) -> dic
         "service_company_id": contract.service_company_id,
         "month": month,
         "currency": contract.currency,
-        "discount_pct": contract.discount_pct,
+        "discount_pct": discount_pct,
         "subtotal_amount": totals[0],
         "discount_amount": totals[1],
         "total_amount": totals[2],
@@ -267,9 +279,20 @@ def _contracts_in(
     start, end = rating.month_bounds(month)
     first_day = start.astimezone(rating.zone()).date()
     last_day = (end.astimezone(rating.zone())).date()
+    # in force that month, or paying for some of its usage (whatever its period says now)
+    billed = (
+        sa_select(col(RatedUsage.contract_id))
+        .where(col(RatedUsage.month) == month, col(RatedUsage.in_contract).is_(True))
+        .distinct()
+    )
     stmt = (
         select(Contract)
-        .where(col(Contract.starts_on) < last_day, col(Contract.ends_on) >= first_day)
+        .where(
+            or_(
+                (col(Contract.starts_on) < last_day) & (col(Contract.ends_on) >= first_day),
+                col(Contract.id).in_(billed),
+            )
+        )
         .order_by(col(Contract.number))
     )
     if agency_id is not None:
@@ -324,11 +347,13 @@ def generate(
     require_center(session, principal, MANAGE)
     now = clock.now()
     _, end = _month(month, now)
+    metering.billing_lock(session)
     metering.catch_up(session, until=min(end, now))
     contracts = _contracts_in(session, month, agency_id, contract_id)
+    ids = [c.id for c in contracts]
+    _drop_stale_drafts(session, month, ids, agency_id, contract_id)
     if not contracts:
         return []
-    ids = [c.id for c in contracts]
     limits = _limits(session)
     existing = {
         s.contract_id: s
@@ -352,10 +377,10 @@ def generate(
             mine = pending[1]
             pending = next(usage, None)
         lines = compute_lines(mine, limits)
-        totals = compute_totals(lines, contract.discount_pct)
         statement = existing.get(contract.id)
         if statement is not None and statement.state == StatementState.final:
-            digest = content_hash(_header(contract, month, totals), lines)
+            pct = Decimal(statement.discount_pct)
+            digest = content_hash(_header(contract, month, compute_totals(lines, pct), pct), lines)
             if digest != statement.content_hash:
                 audit.record(
                     session,
@@ -369,6 +394,7 @@ def generate(
                 )
             out.append(statement)
             continue
+        totals = compute_totals(lines, contract.discount_pct)
         if statement is None:
             statement = Statement(
                 agency_id=contract.agency_id,
@@ -411,6 +437,30 @@ def generate(
     for contract in contracts:
         check_budget(session, contract)
     return out
+
+
+def _drop_stale_drafts(
+    session: Session,
+    month: str,
+    keep: Sequence[uuid.UUID],
+    agency_id: uuid.UUID | None,
+    contract_id: uuid.UUID | None,
+) -> None:
+    """A draft whose contract no longer covers the month (its period was corrected) would
+    still count towards spend and could be finalized with stale lines: it goes."""
+    stmt = select(col(Statement.id)).where(
+        Statement.month == month,
+        Statement.state == StatementState.draft.value,
+        col(Statement.contract_id).not_in(keep),
+    )
+    if agency_id is not None:
+        stmt = stmt.where(Statement.agency_id == agency_id)
+    if contract_id is not None:
+        stmt = stmt.where(Statement.contract_id == contract_id)
+    stale = list(session.execute(stmt).scalars())
+    if stale:
+        session.execute(delete(StatementLine).where(col(StatementLine.statement_id).in_(stale)))
+        session.execute(delete(Statement).where(col(Statement.id).in_(stale)))
 
 
 def lines_of(session: Session, statement_id: uuid.UUID) -> list[StatementLine]:
@@ -464,6 +514,7 @@ def get_statement(session: Session, principal: Principal, statement_id: uuid.UUI
 
 def finalize(session: Session, principal: Principal, statement_id: uuid.UUID) -> Statement:
     """Redraft from the complete month, then freeze: state final, content hash stored."""
+    metering.billing_lock(session)
     statement = _load(session, principal, statement_id, READ, lock=True)
     require_center(session, principal, MANAGE)
     if statement.state == StatementState.final:
@@ -479,7 +530,9 @@ def finalize(session: Session, principal: Principal, statement_id: uuid.UUID) ->
     assert contract is not None
     lines = [_as_line(r) for r in lines_of(session, statement.id)]
     totals = (statement.subtotal_amount, statement.discount_amount, statement.total_amount)
-    statement.content_hash = content_hash(_header(contract, statement.month, totals), lines)
+    statement.content_hash = content_hash(
+        _header(contract, statement.month, totals, Decimal(statement.discount_pct)), lines
+    )
     statement.state = StatementState.final.value
     statement.finalized_at = clock.now()
     statement.finalized_by = principal.username[:64]
@@ -508,19 +561,26 @@ def recompute_hash(session: Session, statement: Statement) -> str:
     assert contract is not None
     usage = dict(_usage_stream(session, statement.month, [contract.id]))
     lines = compute_lines(usage.get(contract.id, []), _limits(session))
-    totals = compute_totals(lines, contract.discount_pct)
-    return content_hash(_header(contract, statement.month, totals), lines)
+    pct = Decimal(statement.discount_pct)
+    return content_hash(_header(contract, statement.month, compute_totals(lines, pct), pct), lines)
 
 
 def propose_adjustment(
     session: Session, principal: Principal, statement_id: uuid.UUID, data: AdjustmentCreate
 ) -> Adjustment:
+    metering.billing_lock(session)
     statement = _load(session, principal, statement_id, READ, lock=True)
     require_center(session, principal, MANAGE)
     if statement.state != StatementState.final:
         raise Conflict(
             "adjustments apply to finalized statements; a draft is corrected by regenerating it"
         )
+    if data.kind == "credit":
+        left = adjusted_total(statement, adjustments_of(session, [statement.id]))
+        if data.amount > left:
+            raise Invalid.field(
+                "amount", f"a credit cannot exceed what the statement still bills ({left} fen)"
+            )
     note = Adjustment(
         statement_id=statement.id,
         kind=data.kind,
@@ -545,6 +605,7 @@ def propose_adjustment(
 def decide_adjustment(
     session: Session, principal: Principal, adjustment_id: uuid.UUID, *, approve: bool
 ) -> Adjustment:
+    metering.billing_lock(session)
     note = session.get(Adjustment, adjustment_id, with_for_update=True)
     if note is None:
         raise NotFound(f"adjustment {adjustment_id} not found")
@@ -556,6 +617,10 @@ def decide_adjustment(
         raise Conflict(f"adjustment {note.id} is already {note.state}")
     if note.requested_by == principal.username:
         raise Forbidden("a credit or debit note needs a second person: you proposed this one")
+    if approve and note.kind == "credit":
+        left = adjusted_total(statement, adjustments_of(session, [statement.id]))
+        if note.amount > left:
+            raise Conflict(f"approving it would credit more than the statement bills ({left} fen)")
     note.state = (AdjustmentState.approved if approve else AdjustmentState.rejected).value
     note.decided_by = principal.username[:64]
     note.decided_at = clock.now()

@@ -192,6 +192,7 @@ def upgrade() -> None:
     sa.Column('agency_id', sa.Uuid(), nullable=True),
     sa.Column('contract_id', sa.Uuid(), nullable=True),
     sa.Column('in_contract', sa.Boolean(), nullable=False),
+    sa.Column('billed_to', sa.Uuid(), nullable=False),
     sa.Column('service_company_id', sa.Uuid(), nullable=False),
     sa.Column('provider_id', sa.Uuid(), nullable=False),
     sa.Column('price_item_id', sa.Uuid(), nullable=False),
@@ -205,7 +206,7 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['interval_id'], ['usage_interval.id'], name=op.f('fk_rated_usage_interval_id_usage_interval')),
     sa.ForeignKeyConstraint(['price_item_id'], ['price_item.id'], name=op.f('fk_rated_usage_price_item_id_price_item')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_rated_usage')),
-    sa.UniqueConstraint('interval_id', 'month', 'price_item_id', 'in_contract', name=op.f('uq_rated_usage_interval_id_month_price_item_id_in_contract'))
+    sa.UniqueConstraint('interval_id', 'month', 'price_item_id', 'billed_to', name=op.f('uq_rated_usage_interval_id_month_price_item_id_billed_to'))
     )
     with op.batch_alter_table('rated_usage', schema=None) as batch_op:
         batch_op.create_index('ix_rated_usage_month_contract_id', ['month', 'contract_id'], unique=False)
