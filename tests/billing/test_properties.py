@@ -102,8 +102,7 @@ def test_cutting_an_interval_anywhere_rates_the_same_as_whole(
     end = start + timedelta(seconds=length)
     # cuts fall between whole seconds too: event times carry microseconds
     points = sorted(
-        {start + timedelta(microseconds=int(length * 1_000_000 * f)) for f in splits}
-        - {start, end}
+        {start + timedelta(microseconds=int(length * 1_000_000 * f)) for f in splits} - {start, end}
     )
     kw: dict[str, Any] = dict(
         resource_class=resource_class, is_powered=is_powered, prices=prices, contracts=contracts
