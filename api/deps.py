@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session
 
 from broker.core.authz import Principal
@@ -21,6 +22,11 @@ NO_NUL = r"^[^\x00]*$"
 
 def database(request: Request) -> SessionSource:
     return request.app.state.db  # type: ignore[no-any-return]
+
+
+async def _database(request: Request) -> SessionSource:
+    # as a dependency, async: a plain attribute read must not cost a hop to the thread pool
+    return database(request)
 
 
 def db_session(request: Request) -> Iterator[Session]:
@@ -41,13 +47,23 @@ def _bearer(request: Request) -> str | None:
     return None
 
 
-def current_principal(request: Request) -> Principal:
+async def current_principal(request: Request) -> Principal:
+    """The caller. An API token checked a moment ago is answered from memory, in the event loop
+    (see auth.remembered for how stale that may be); anything else is looked up in a thread."""
     credential = _bearer(request)
     if credential is None:
         raise Unauthenticated("send 'Authorization: Bearer <token>' (log in or use an API token)")
     db = database(request)
+    key = str(getattr(db, "url", ""))
+    principal = auth.remembered(key, credential)
+    if principal is not None:
+        return principal
+    return await run_in_threadpool(_authenticate, db, key, credential)
+
+
+def _authenticate(db: SessionSource, key: str, credential: str) -> Principal:
     with db.unit_of_work(write=False) as session:
-        result = auth.authenticate(session, credential)
+        result = auth.authenticate_remembering(session, key, credential)
     if result.touch_token is not None:
         with db.unit_of_work() as session:
             auth.touch_token(session, result.touch_token)
@@ -55,6 +71,7 @@ def current_principal(request: Request) -> Principal:
 
 
 SessionDep = Annotated[Session, Depends(db_session)]
+DatabaseDep = Annotated[SessionSource, Depends(_database)]
 PrincipalDep = Annotated[Principal, Depends(current_principal)]
 Cursor = Annotated[
     str | None,

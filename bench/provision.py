@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Benchmark of self-service provisioning through the HTTP API, against the bare simulator driver.
 
-    .venv/bin/python bench/provision.py [--count 1000] [--clients 24] [--backend sqlite|postgresql]
-                      [--sim-state shared|file] [--job-workers N] [--profile N] [--keep]
+    .venv/bin/python bench/provision.py [--count 1000] [--rate 60] [--clients 24] [--warmup 16]
+                      [--backend sqlite|postgresql] [--sim-state shared|file] [--job-workers N]
+                      [--profile N] [--keep]
 
 Prints exactly one JSON line on stdout (progress goes to stderr). What it does:
 
@@ -22,11 +23,20 @@ Prints exactly one JSON line on stdout (progress goes to stderr). What it does:
   and state kind: no API, no database, no ledger;
 * ours: `govbroker serve` (the `api.app:create_app` factory, ThreadRunner jobs) as a subprocess on
   a free 127.0.0.1 port, with GOVBROKER_EMBEDDED_SCHEDULER=false (no periodic sync or reconciler
-  competing with the jobs); `--clients` threads, each on its own keep-alive connection, send the
-  `--count` POST /api/v1/servers (each with its own Idempotency-Key), spread over the systems.
-  The end is the last job's `finished_at` (the database is polled until every job is final), so
-  VMs/s = count / (last finished_at − first POST sent). POST latency is measured at the client;
-  the server's CPU time over the run comes from /proc;
+  competing with the jobs); first `--warmup` POSTs one at a time (two per system by default;
+  their servers are verified with the rest, no figure includes them), so that what a freshly
+  started process does once (connections, statements compiled, memories filled) is not timed;
+  then `--clients` threads, each on its own keep-alive connection, send the `--count`
+  POST /api/v1/servers (each with its own Idempotency-Key), spread over the systems.
+  The load is open loop by default: request i is due at start + i / `--rate` (60/s: the
+  throughput target and a fifth more), whatever became of the ones before, and its latency runs
+  from when it was due (a request that had to wait for a free connection counts that wait too).
+  `--rate 0` is a closed loop instead: each connection sends as soon as it has its answer, the
+  server's saturated throughput; its latencies then measure the queue the connections make
+  (latency ≈ connections / throughput, by Little's law), not the server. The end is the last
+  job's `finished_at` (the database is polled until every job is final), so VMs/s = count /
+  (last finished_at − first POST sent). POST latency is measured at the client; the server's CPU
+  time over the run comes from /proc, the clients' (this process) too;
 * afterwards everything is checked: a provider sync through the API sees exactly the inventoried
   servers at the simulator (none new, none gone; with file state the file's request tags must
   equal the succeeded jobs' too), one inventory row per server, `count` succeeded jobs (also as
@@ -50,7 +60,6 @@ import http.client
 import json
 import os
 import platform
-import queue
 import resource
 import shutil
 import signal
@@ -78,6 +87,8 @@ FLAVOR, IMAGE = "s1.small", "centos-7.9"  # 1 vCPU, 2 GiB, 20 GB root disk on th
 HOSTS = 8
 SERVER_CLASSES = ("instances", "vcpu", "memory_mb", "storage_gb.ssd", "storage_gb.hdd")
 POLL_S = 0.2
+# the load offered by default: the throughput target and a fifth more, open loop (see fire)
+RATE = 60.0
 STALL_S = 120.0  # no job finishing for this long ends the wait
 
 
@@ -317,16 +328,25 @@ class Client:
             self.conn.close()
 
 
-def fire(port: int, systems: list[dict[str, str]], count: int, clients: int) -> dict[str, Any]:
-    """Send `count` POST /api/v1/servers from `clients` threads; latencies and outcomes."""
-    work: queue.Queue[int] = queue.Queue()
-    for i in range(count):
-        work.put(i)
+def fire(
+    port: int, systems: list[dict[str, str]], count: int, clients: int, rate: float
+) -> dict[str, Any]:
+    """Send `count` POST /api/v1/servers over `clients` keep-alive connections (one thread
+    each); latencies and outcomes.
+
+    rate > 0, open loop: request i is due at start + i / rate, whatever the answers before it;
+    its latency runs from when it was due, so a request that waited for a free connection (or
+    was sent late because this process was starved) counts that wait too. rate 0, closed loop:
+    every connection sends its next request as soon as the previous one is answered, and the
+    latency runs from the send (with N connections, latency ≈ N / throughput, by Little's law).
+    """
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     errors: list[str] = []
     lock = threading.Lock()
     start = threading.Barrier(clients + 1)
+    next_index = iter(range(count))
+    t0 = 0.0
 
     def worker() -> None:
         client = Client(port)
@@ -335,9 +355,9 @@ def fire(port: int, systems: list[dict[str, str]], count: int, clients: int) -> 
         start.wait()
         try:
             while True:
-                try:
-                    i = work.get_nowait()
-                except queue.Empty:
+                with lock:
+                    i = next(next_index, None)
+                if i is None:
                     break
                 target = systems[i % len(systems)]
                 body = {
@@ -350,7 +370,13 @@ def fire(port: int, systems: list[dict[str, str]], count: int, clients: int) -> 
                     "Authorization": f"Bearer {target['token']}",
                     "Idempotency-Key": f"bench-{uuid.uuid4()}",
                 }
-                t0 = time.perf_counter()
+                if rate > 0:
+                    due = t0 + i / rate
+                    wait = due - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                else:
+                    due = time.perf_counter()
                 try:
                     status, payload = client.call("POST", "/api/v1/servers", body, headers)
                 except (OSError, http.client.HTTPException) as exc:
@@ -358,7 +384,7 @@ def fire(port: int, systems: list[dict[str, str]], count: int, clients: int) -> 
                     with lock:
                         errors.append(f"{type(exc).__name__}: {exc}"[:300])
                     continue
-                mine.append(time.perf_counter() - t0)
+                mine.append(time.perf_counter() - due)
                 seen[str(status)] += 1
                 if status != 202:
                     with lock:
@@ -372,9 +398,9 @@ def fire(port: int, systems: list[dict[str, str]], count: int, clients: int) -> 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
     for t in threads:
         t.start()
-    start.wait()
     first_post = datetime.now(UTC)
     t0 = time.perf_counter()
+    start.wait()
     for t in threads:
         t.join()
     return {
@@ -384,6 +410,36 @@ def fire(port: int, systems: list[dict[str, str]], count: int, clients: int) -> 
         "statuses": dict(statuses),
         "errors": errors,
     }
+
+
+def warm_up(port: int, systems: list[dict[str, str]], n: int) -> tuple[int, list[str]]:
+    """`n` POSTs, one after the other, over the systems in turn, before the measured run: a
+    server just started does its first-time work (database connections, statements compiled
+    once, the catalog and token memories) on these instead of on the first measured requests.
+    Their servers count in the verification; no figure includes them. (accepted, errors)"""
+    client = Client(port)
+    accepted, errors = 0, []
+    try:
+        for i in range(n):
+            target = systems[i % len(systems)]
+            body = {
+                "name": f"warm-{i:04d}",
+                "system_id": target["id"],
+                "image": IMAGE,
+                "flavor": FLAVOR,
+            }
+            headers = {
+                "Authorization": f"Bearer {target['token']}",
+                "Idempotency-Key": f"warm-{uuid.uuid4()}",
+            }
+            status, payload = client.call("POST", "/api/v1/servers", body, headers)
+            if status == 202:
+                accepted += 1
+            else:
+                errors.append(f"warm-up {status}: {json.dumps(payload)[:300]}")
+    finally:
+        client.close()
+    return accepted, errors
 
 
 def wait_for_jobs(db: Any, expected: int) -> dict[str, int]:
@@ -578,11 +634,13 @@ def profile_in_process(db: Any, seeded: dict[str, Any], sim_state: str, n: int) 
     systems = [uuid.UUID(t["id"]) for t in seeded["systems"][:SYSTEMS]]  # ag0's
 
     token = seeded["systems"][0]["token"]
+    memory = str(db.url)  # the key api.deps gives auth's memory of checked tokens
 
     def one(i: int, phase: str, job_id: Any) -> Any:
         if phase == "auth":  # what api.deps.current_principal does for every request
-            with db.unit_of_work(write=False) as s:
-                auth.authenticate(s, token)
+            if auth.remembered(memory, token) is None:
+                with db.unit_of_work(write=False) as s:
+                    auth.authenticate_remembering(s, memory, token)
             return None
         if phase == "request":
             data = ServerCreate(
@@ -665,7 +723,22 @@ def profile_in_process(db: Any, seeded: dict[str, Any], sim_state: str, n: int) 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=1000)
-    parser.add_argument("--clients", type=int, default=24)
+    parser.add_argument(
+        "--clients", type=int, default=24, help="keep-alive connections (one thread each)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=RATE,
+        help="POSTs per second offered, open loop (0: closed loop, each connection sending"
+        " as soon as it has its answer)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=AGENCIES * SYSTEMS * 2,
+        help="POSTs sent one at a time before the measured run (see warm_up); 0: none",
+    )
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     # shared: the simulator's state lives in the server process only (the bench syncs before the
     # server starts; ids derive from the options, so both see the same hosts and catalog). file:
@@ -724,8 +797,8 @@ def main() -> int:
         sim_file = work / "simulator.json"
         sim_state = f"file:{sim_file}" if args.sim_state == "file" else "shared:bench"
         seeded = seed(
-            db, args.count + 2 * args.profile + 20, sim_state
-        )  # room for the profile's too
+            db, args.count + args.warmup + 2 * args.profile + 20, sim_state
+        )  # room for the warm-up's and the profile's too
         log(f"estate, provider and catalog ready ({args.backend}, simulator {sim_state})")
 
         base_state = f"file:{work / 'baseline.json'}" if args.sim_state == "file" else "shared:base"
@@ -742,10 +815,18 @@ def main() -> int:
             env["GOVBROKER_JOB_WORKERS"] = str(args.job_workers)
         proc = start_server(env, port, work / "server.log")
         job_workers = args.job_workers or get_settings().job_workers
-        log(f"server pid {proc.pid} on 127.0.0.1:{port}; {args.count} POSTs from {args.clients}")
+        load = f"at {args.rate:g}/s" if args.rate > 0 else "closed loop"
+        log(
+            f"server pid {proc.pid} on 127.0.0.1:{port}; {args.count} POSTs {load}"
+            f" over {args.clients} connections"
+        )
+        warmed, warm_errors = warm_up(port, seeded["systems"], args.warmup)
+        states = wait_for_jobs(db, warmed)  # the warm-up's jobs end before the measured run
         cpu_before, bench_cpu_before = cpu_s_of(proc.pid), time.process_time()
-        fired = fire(port, seeded["systems"], args.count, args.clients)
-        accepted = fired["statuses"].get("202", 0)
+        fired = fire(port, seeded["systems"], args.count, args.clients, args.rate)
+        fired["errors"] = warm_errors + fired["errors"]
+        accepted = fired["statuses"].get("202", 0) + warmed
+        total = args.count + args.warmup
         log(f"POSTs done in {fired['posts_s']:.2f} s: {fired['statuses']}; waiting for the jobs")
         states = wait_for_jobs(db, accepted)
         server_cpu = cpu_s_of(proc.pid) - cpu_before
@@ -759,14 +840,14 @@ def main() -> int:
         if args.sim_state == "file":
             state = json.loads(sim_file.read_text("utf-8"))
             sim_tags = {s["request_tag"] for s in state["servers"] if s.get("request_tag")}
-        checked = verify(db, seeded["provider_id"], args.count, sim_tags, synced)
+        checked = verify(db, seeded["provider_id"], total, sim_tags, synced)
         last = checked.pop("last_finished_at")
         checked["checks"]["api_listed_succeeded"] = listed
-        checked["ok"] = checked["ok"] and listed == args.count
+        checked["ok"] = checked["ok"] and listed == total
         log(f"verification: {checked}")
         elapsed = (last - fired["first_post"]).total_seconds() if last else float("nan")
         lat = fired["latencies"]
-        vms_per_s = args.count / elapsed if last and states.get("succeeded") == args.count else 0.0
+        vms_per_s = args.count / elapsed if last and states.get("succeeded") == total else 0.0
         base_per_s = args.count / base_s
         profile = None
         if args.profile:
@@ -798,7 +879,10 @@ def main() -> int:
         "bench": "provision",
         "backend": args.backend,
         "count": args.count,
+        "warmup_posts": args.warmup,
         "clients": args.clients,
+        "load": f"open loop at {args.rate:g} POST/s" if args.rate > 0 else "closed loop",
+        "offered_posts_per_s": args.rate if args.rate > 0 else None,
         "job_workers": job_workers,
         "vms_per_s": round(vms_per_s, 1),
         "end_to_end_s": round(elapsed, 3),

@@ -159,13 +159,18 @@ def _path(session: Session, tenant_id: uuid.UUID) -> Path:
     found = session.connection().execute(_PATH_STMT, {"tid": tenant_id}).first()
     if found is None:
         raise NotFound(f"tenant {tenant_id} not found")
+    return _path_of(found)
+
+
+def _path_of(found: Any) -> Path:
+    """The path from a row of the tenant's and its parent's (id, code, kind, status)."""
     tenant = Level(*found[:4])
     if tenant.kind == TenantKind.center:
         raise Invalid.field(
             "tenant_id", "quota is consumed by agencies and systems, not the center"
         )
     if tenant.kind == TenantKind.system:
-        agency = Level(*found[4:])
+        agency = Level(*found[4:8])
         return Path(tenant, agency, (agency, tenant))
     return Path(tenant, tenant, (tenant,))
 
@@ -701,9 +706,26 @@ _RESERVATION_FIELDS = (
     "created_by",
 )
 _JOINED = _RESERVATION.outerjoin(_ALLOCATION, _ALLOCATION.c.reservation_id == _RESERVATION.c.id)
+# what a settlement reads before taking its locks (what never changes: tenant, classes), with
+# the tenant's path, in one statement; by id or by ref
 _PRE_READ = sa_select(
-    _RESERVATION.c.id, _RESERVATION.c.tenant_id, _ALLOCATION.c.resource_class
-).select_from(_JOINED)
+    _TENANT.c.id,
+    _TENANT.c.code,
+    _TENANT.c.kind,
+    _TENANT.c.status,
+    _PARENT.c.id,
+    _PARENT.c.code,
+    _PARENT.c.kind,
+    _PARENT.c.status,
+    _RESERVATION.c.id.label("rid"),
+    _ALLOCATION.c.resource_class,
+).select_from(
+    _JOINED.join(_TENANT, _TENANT.c.id == _RESERVATION.c.tenant_id).outerjoin(
+        _PARENT, _PARENT.c.id == _TENANT.c.parent_id
+    )
+)
+_PRE_READ_BY_ID = _PRE_READ.where(_RESERVATION.c.id == bindparam("key"))
+_PRE_READ_BY_REF = _PRE_READ.where(_RESERVATION.c.ref == bindparam("key"))
 _HELD = (
     sa_select(
         *[_RESERVATION.c[f] for f in _RESERVATION_FIELDS],
@@ -752,16 +774,12 @@ def _lock_reservation(
     What is read before the locks (tenant, classes) never changes; states are read after them.
     """
     conn = session.connection()
-    key = (
-        _RESERVATION.c.id == reservation
-        if isinstance(reservation, uuid.UUID)
-        else _RESERVATION.c.ref == reservation
-    )
-    pre = conn.execute(_PRE_READ.where(key)).all()
+    by = _PRE_READ_BY_ID if isinstance(reservation, uuid.UUID) else _PRE_READ_BY_REF
+    pre = conn.execute(by, {"key": reservation}).all()
     if not pre:
         raise NotFound(f"reservation {reservation} not found")
-    rid, tenant_id = pre[0].id, pre[0].tenant_id
-    path = _path(session, tenant_id)
+    rid = pre[0].rid
+    path = _path_of(pre[0])
     classes = sorted({r.resource_class for r in pre if r.resource_class is not None})
     rows = lock_rows(session, path, classes) if classes else {}
     result = conn.execute(_HELD, {"rid": rid}).all()
@@ -800,11 +818,9 @@ def _settle_reservation(
     else:
         _write_counters(session, counters)
         _settle(session, allocation_ids, state, now, owner_ref)
-        values: dict[str, Any] = {"state": state, "settled_at": res.settled_at or now}
-        if owner_ref is not None:
-            values["owner_ref"] = owner_ref
         session.connection().execute(
-            update(_RESERVATION).where(_RESERVATION.c.id == res.id).values(**values)
+            _SETTLE_RESERVATION,
+            {"rid": res.id, "s": state, "at": res.settled_at or now, "owner": owner_ref},
         )
     _forget_loaded(session, [res.id])
     res.state, res.settled_at = state, res.settled_at or now
@@ -821,17 +837,53 @@ def _forget_loaded(session: Session, reservation_ids: Iterable[uuid.UUID]) -> No
             session.expire(loaded)
 
 
+# statements of the settlement, built once (see _settle); a NULL owner keeps the one there
+_SETTLE_RESERVATION = (
+    update(_RESERVATION)
+    .where(_RESERVATION.c.id == bindparam("rid"))
+    .values(
+        state=bindparam("s"),
+        settled_at=bindparam("at"),
+        owner_ref=func.coalesce(
+            bindparam("owner", type_=_RESERVATION.c.owner_ref.type), _RESERVATION.c.owner_ref
+        ),
+    )
+)
+_SETTLE_ALLOCATIONS = {
+    stamp: update(_ALLOCATION)
+    .where(_ALLOCATION.c.id == bindparam("aid"))
+    .values(
+        {
+            "state": bindparam("s"),
+            stamp: bindparam("at"),
+            "owner_ref": func.coalesce(
+                bindparam("owner", type_=_ALLOCATION.c.owner_ref.type), _ALLOCATION.c.owner_ref
+            ),
+        }
+    )
+    for stamp in ("committed_at", "released_at")
+}
+
+
 def _settle(
     session: Session, ids: list[uuid.UUID], state: str, now: datetime, owner_ref: str | None = None
 ) -> None:
     if not ids:
         return
     stamp = {COMMITTED: "committed_at", RELEASED: "released_at"}[state]
-    values: dict[str, object] = {"state": state, stamp: now}
-    if owner_ref is not None:
-        values["owner_ref"] = owner_ref
+    if _is_postgres(session):
+        values: dict[str, object] = {"state": state, stamp: now}
+        if owner_ref is not None:
+            values["owner_ref"] = owner_ref
+        session.connection().execute(
+            update(_ALLOCATION).where(_ALLOCATION.c.id.in_(ids)).values(**values)
+        )
+        return
+    # SQLite runs in-process: one prepared statement executed per allocation costs less than
+    # rendering an IN list each time
     session.connection().execute(
-        update(_ALLOCATION).where(_ALLOCATION.c.id.in_(ids)).values(**values)
+        _SETTLE_ALLOCATIONS[stamp],
+        [{"aid": aid, "s": state, "at": now, "owner": owner_ref} for aid in ids],
     )
 
 
@@ -899,6 +951,33 @@ def _lock_paths(
     paths = {tid: _path(session, tid) for tid in sorted(set(tenant_ids), key=str)}
     levels = {level.id for p in paths.values() for level in p.levels}
     return paths, _locked(session, levels, classes)
+
+
+_KINDS_STMT = sa_select(_TENANT.c.id, _TENANT.c.kind, _TENANT.c.parent_id).where(
+    _TENANT.c.id.in_(bindparam("tids", expanding=True))
+)
+
+
+def lock_tenants(session: Session, tenant_ids: Iterable[uuid.UUID], classes: Iterable[str]) -> None:
+    """Take, in one statement and in the global order, the locks that operations for several
+    tenants (of several agencies) in one unit of work will take: each operation then finds its
+    rows locked already, instead of locking agency after agency out of the global order (and
+    deadlocking with a sweep that takes them in order). A no-op on SQLite, whose writing
+    sessions hold the whole database."""
+    if not _is_postgres(session):
+        return
+    ids = sorted(set(tenant_ids), key=str)
+    if not ids:
+        return
+    levels: set[uuid.UUID] = set()
+    for tid, kind, parent in session.connection().execute(_KINDS_STMT, {"tids": ids}):
+        if kind == TenantKind.center:
+            continue  # the center's row is never locked by these operations
+        levels.add(tid)
+        if kind == TenantKind.system and parent is not None:
+            levels.add(parent)
+    if levels:
+        _locked(session, levels, classes)
 
 
 _OWNER_HELD = sa_select(

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+import weakref
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.deps import DEFAULT_PAGE, Cursor, Limit, PrincipalDep, SessionDep, database
+from api.deps import DEFAULT_PAGE, Cursor, DatabaseDep, Limit, PrincipalDep, SessionDep
 from api.schemas import Page
-from broker.core.db import SessionSource
 from broker.provisioning import catalog, executor, service
 from broker.provisioning.executor import JobRunner
 from broker.provisioning.schemas import (
@@ -28,13 +30,13 @@ from broker.provisioning.schemas import (
 )
 
 router = APIRouter(tags=["provisioning"])
-DatabaseDep = Annotated[SessionSource, Depends(database)]
 JobStateIn = Literal[
     "pending_approval", "queued", "running", "succeeded", "failed", "rejected", "expired"
 ]
 
 
-def runner(request: Request) -> JobRunner:
+async def runner(request: Request) -> JobRunner:
+    # async: a plain attribute read must not cost a hop to the thread pool
     return request.app.state.jobs  # type: ignore[no-any-return]
 
 
@@ -48,13 +50,32 @@ def _accepted(job: dict[str, Any], *, replayed: bool = False) -> JSONResponse:
     return JSONResponse(job, status_code=202, headers=headers)
 
 
+# How many server requests are worked on at once per process; the rest wait their turn, first
+# come first served, in the event loop. Every request writes to the same few rows (the chosen
+# host, the audit chain's head; on SQLite, the whole database), so more at once only adds
+# threads contending for those locks (and for the interpreter), and lets a late request
+# overtake one waiting since long before.
+REQUESTS_AT_ONCE = 2
+_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _turn() -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    turn = _turns.get(loop)
+    if turn is None:
+        turn = _turns[loop] = asyncio.Semaphore(REQUESTS_AT_ONCE)
+    return turn
+
+
 @router.post(
     "/api/v1/servers",
     status_code=202,
     response_model=JobPublic,
     responses={202: {"description": "the job that builds the server"}},
 )
-def request_server(
+async def request_server(
     body: ServerCreate,
     db: DatabaseDep,
     principal: PrincipalDep,
@@ -63,7 +84,10 @@ def request_server(
 ) -> JSONResponse:
     """Ask for a server. Send an `Idempotency-Key` to retry safely: the same key with the same
     body answers as the first time; with another body it is refused (422)."""
-    submitted = service.request_server(db, principal, body, key=idempotency_key)
+    async with _turn():
+        submitted = await run_in_threadpool(
+            service.request_server, db, principal, body, key=idempotency_key
+        )
     if submitted.claimed is not None:
         jobs.submit(submitted.claimed)
     return _accepted(submitted.response, replayed=submitted.replayed)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import event
+from sqlalchemy import bindparam, event, insert, update
 from sqlalchemy.orm import Session as SASession
 from sqlmodel import Session, select
 
@@ -31,8 +31,10 @@ REDACTED = "***"
 
 
 class TenantLike(Protocol):
-    id: uuid.UUID
-    path: str
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def path(self) -> str: ...
 
 
 def redact(data: Any) -> Any:
@@ -122,14 +124,31 @@ def fields_of(ev: AuditEvent) -> dict[str, Any]:
     return {k: getattr(ev, k) for k in _HASHED_FIELDS}
 
 
-def _lock_head(session: Session) -> AuditChainHead:
-    stmt = select(AuditChainHead).where(AuditChainHead.id == 1).with_for_update()
-    head = session.execute(stmt).scalar_one_or_none()
-    if head is None:  # a database created without migrations' seed row
-        head = AuditChainHead(id=1, last_seq=0, last_hash=GENESIS_HASH)
-        session.add(head)
-        session.flush()
-    return head
+# The chain is appended with Core statements built once: every writing unit of work passes here,
+# inside the serialised section, so its cost bounds the whole system's write rate.
+_HEAD = AuditChainHead.__table__  # type: ignore[attr-defined]
+_EVENT = AuditEvent.__table__  # type: ignore[attr-defined]
+# takes the head's row lock and claims `n` sequence numbers in one round trip; last_hash is
+# still the previous link's (the RETURNING of an UPDATE shows the new row, and it is unchanged)
+_CLAIM_SEQS = (
+    update(_HEAD)
+    .where(_HEAD.c.id == 1)
+    .values(last_seq=_HEAD.c.last_seq + bindparam("n"))
+    .returning(_HEAD.c.last_seq, _HEAD.c.last_hash)
+)
+_SET_LAST_HASH = update(_HEAD).where(_HEAD.c.id == 1).values(last_hash=bindparam("h"))
+_INSERT_HEAD = insert(_HEAD)
+_INSERT_EVENTS = insert(_EVENT)
+
+
+def _claim_seqs(session: SASession, n: int) -> tuple[int, str]:
+    """Lock the chain head and take `n` sequence numbers: (the last one taken before, its hash)."""
+    conn = session.connection()
+    row = conn.execute(_CLAIM_SEQS, {"n": n}).first()
+    if row is None:  # a database created without migrations' seed row
+        conn.execute(_INSERT_HEAD, {"id": 1, "last_seq": n, "last_hash": GENESIS_HASH})
+        return 0, GENESIS_HASH
+    return int(row[0]) - n, str(row[1])
 
 
 @event.listens_for(SASession, "before_commit")
@@ -137,16 +156,21 @@ def _link_pending(session: SASession) -> None:
     pending = session.info.pop(_PENDING, None)
     if not pending:
         return
-    head = _lock_head(session)  # type: ignore[arg-type]
-    seq, prev = head.last_seq, head.last_hash
+    session.flush()  # the unit of work's own changes first (Core statements do not autoflush)
+    seq, prev = _claim_seqs(session, len(pending))
+    rows = []
     for staged in pending:
         seq += 1
         fields = {**staged, "seq": seq, "prev_hash": prev}
-        digest = compute_hash(fields)
-        session.add(AuditEvent(**fields, hash=digest))
-        prev = digest
-    head.last_seq, head.last_hash = seq, prev
-    session.flush()
+        prev = compute_hash(fields)
+        rows.append({**fields, "hash": prev})
+    conn = session.connection()
+    conn.execute(_INSERT_EVENTS, rows)
+    conn.execute(_SET_LAST_HASH, {"h": prev})
+    # a head this session loaded as an object must not show the old link
+    loaded = session.identity_map.get(session.identity_key(AuditChainHead, 1))
+    if loaded is not None:
+        session.expire(loaded)
 
 
 @event.listens_for(SASession, "after_soft_rollback")

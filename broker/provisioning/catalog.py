@@ -8,10 +8,17 @@ for it.
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import bindparam, event, func
+from sqlalchemy import select as sa_select
+from sqlalchemy.orm import Mapper, object_session
+from sqlalchemy.orm import Session as SASession
 from sqlmodel import Session, col, select
 
 from broker.audit import service as audit
@@ -315,6 +322,103 @@ def offered_catalog(
             items.setdefault(item.provider_id, []).append(item)
             provs[provider.id] = provider
     return items, provs
+
+
+# --- what an agency is offered, cached --------------------------------------------------------
+#
+# Every server request reads the agency's policy and offered catalog; both change rarely. They are
+# kept per (database, agency) and used while all of these hold:
+# - the entry is younger than OFFER_TTL_SECONDS;
+# - a stamp read in the request's own transaction is unchanged: the count and latest updated_at
+#   of catalog items and providers and the agency policy's updated_at (every writer of those
+#   sets updated_at, so a change committed anywhere, by any replica, is seen at once);
+# - no catalog item, provider or policy was written through the ORM in this process since: such
+#   a commit empties the cache (this also covers writes that leave updated_at alone).
+# What the stamp cannot see (a row edited outside govbroker without touching updated_at, or two
+# catalog writes committing out of their timestamps' order on two replicas) is seen within the
+# TTL. Cached objects are detached copies, shared read-only between threads: never change them.
+OFFER_TTL_SECONDS = 5.0
+_monotonic = time.monotonic  # the cache's own clock (tests move it; the broker clock is UTC)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What an agency may ask for: its policy, and per enabled provider (of the policy's service
+    company, if any) the items offered to it; see `offered_catalog`."""
+
+    policy: AgencyPolicy | None
+    items: Mapping[uuid.UUID, list[CatalogItem]]
+    providers: Mapping[uuid.UUID, Provider]
+
+
+_ITEM = CatalogItem.__table__  # type: ignore[attr-defined]
+_PROVIDER = Provider.__table__  # type: ignore[attr-defined]
+_POLICY = AgencyPolicy.__table__  # type: ignore[attr-defined]
+_STAMP = sa_select(
+    sa_select(func.count()).select_from(_ITEM).scalar_subquery(),
+    sa_select(func.max(_ITEM.c.updated_at)).scalar_subquery(),
+    sa_select(func.count()).select_from(_PROVIDER).scalar_subquery(),
+    sa_select(func.max(_PROVIDER.c.updated_at)).scalar_subquery(),
+    sa_select(_POLICY.c.updated_at)
+    .where(_POLICY.c.agency_id == bindparam("agency"))
+    .scalar_subquery(),
+)
+_offers: dict[tuple[str, uuid.UUID], tuple[float, tuple[Any, ...], Offer]] = {}
+_offers_lock = threading.Lock()
+_generation = 0  # bumped by every invalidation: a fill that began before one is not kept
+_WRITTEN = "govbroker.catalog.written"
+_OFFERS_MOST = 10_000
+
+
+def offer(session: Session, agency_id: uuid.UUID) -> Offer:
+    """The agency's policy and offered catalog, as of this transaction (see the notes above)."""
+    key = (str(session.get_bind().engine.url), agency_id)
+    stamp = tuple(session.connection().execute(_STAMP, {"agency": agency_id}).one())
+    hit = _offers.get(key)
+    if hit is not None and hit[1] == stamp and _monotonic() - hit[0] < OFFER_TTL_SECONDS:
+        return hit[2]
+    generation, started = _generation, _monotonic()
+    policy = session.get(AgencyPolicy, agency_id)
+    items, provs = offered_catalog(
+        session, agency_id, company_id=policy.service_company_id if policy else None
+    )
+    fresh = Offer(
+        AgencyPolicy(**policy.model_dump()) if policy is not None else None,
+        {pid: [CatalogItem(**i.model_dump()) for i in its] for pid, its in items.items()},
+        {pid: Provider(**p.model_dump()) for pid, p in provs.items()},
+    )
+    with _offers_lock:
+        if generation == _generation and not session.info.get(_WRITTEN):
+            if len(_offers) >= _OFFERS_MOST:
+                _offers.clear()  # a bound on memory, not on staleness: start over
+            _offers[key] = (started, stamp, fresh)
+    return fresh
+
+
+def forget_offers() -> None:
+    """Empty the offer cache (done after every commit that wrote the catalog, a provider or a
+    policy in this process)."""
+    global _generation
+    with _offers_lock:
+        _generation += 1
+        _offers.clear()
+
+
+def _written(_mapper: Mapper[Any], _conn: Any, target: Any) -> None:
+    session = object_session(target)
+    if session is not None:
+        session.info[_WRITTEN] = True
+
+
+for _cls in (CatalogItem, Provider, AgencyPolicy):
+    for _event in ("after_insert", "after_update", "after_delete"):
+        event.listen(_cls, _event, _written)
+
+
+@event.listens_for(SASession, "after_commit")
+def _forget_after_commit(session: SASession) -> None:
+    if session.info.pop(_WRITTEN, False):
+        forget_offers()
 
 
 def offered_on(session: Session, agency_id: uuid.UUID, provider_id: uuid.UUID) -> list[CatalogItem]:

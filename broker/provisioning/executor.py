@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
+from sqlalchemy import bindparam, update
+from sqlalchemy import select as sa_select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from billing import events
@@ -219,11 +224,100 @@ def _call(driver: drv.Driver, job: Job, resumed: bool) -> drv.Server | None:
 # --- the database side ---------------------------------------------------------------------------
 
 
-def _locked_job(session: Session, job_id: uuid.UUID, claim: uuid.UUID) -> Job | None:
-    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
-    if job is None or job.state != JobState.running or job.claim != claim:
+# Finishing a job runs once per job, inside the serialised section of the database: its job and
+# server statements are Core, built once; the job is read into an object the session does not
+# track, and what changes is written back by `_save`.
+_JOB = Job.__table__  # type: ignore[attr-defined]
+_SERVER = Server.__table__  # type: ignore[attr-defined]
+_TENANT = Tenant.__table__  # type: ignore[attr-defined]
+_LOCK_JOB = (
+    sa_select(_JOB, _TENANT.c.path.label("tenant_path"))
+    .join(_TENANT, _TENANT.c.id == _JOB.c.tenant_id)
+    .where(_JOB.c.id == bindparam("jid"))
+    .with_for_update(of=_JOB)
+)
+_BEAT = (
+    update(_JOB)
+    .where(
+        _JOB.c.id == bindparam("jid"),
+        _JOB.c.state == JobState.running.value,
+        _JOB.c.claim == bindparam("b_claim"),
+    )
+    .values(heartbeat_at=bindparam("now"))
+)
+_JOB_FIELDS = tuple(c.key for c in _JOB.columns)
+_SERVER_FIELDS = tuple(c.key for c in _SERVER.columns)
+# a new server's row, unless one for (provider, external id) is there already
+_INSERT_NEW_SERVER = {
+    "postgresql": pg_insert(_SERVER)
+    .on_conflict_do_nothing(index_elements=["provider_id", "external_id"])
+    .returning(_SERVER.c.id),
+    "sqlite": sqlite_insert(_SERVER)
+    .on_conflict_do_nothing(index_elements=["provider_id", "external_id"])
+    .returning(_SERVER.c.id),
+}
+_SERVER_BY_EXTERNAL_ID = (
+    sa_select(_SERVER.c.id, _SERVER.c.booked)
+    .where(_SERVER.c.provider_id == bindparam("pid"), _SERVER.c.external_id == bindparam("ext"))
+    .with_for_update()
+)
+
+
+@dataclass(frozen=True)
+class _TenantRef:
+    """What the audit event of a job names of its tenant."""
+
+    id: uuid.UUID
+    path: str
+
+
+def _locked_job(
+    session: Session, job_id: uuid.UUID, claim: uuid.UUID
+) -> tuple[Job, _TenantRef] | None:
+    """The job, its row locked, while the claim is still ours (a copy the session does not
+    track: write changes with `_save`); and its tenant."""
+    return _ours(session.connection().execute(_LOCK_JOB, {"jid": job_id}).first(), claim)
+
+
+def _ours(row: Any, claim: uuid.UUID) -> tuple[Job, _TenantRef] | None:
+    if row is None or row.state != JobState.running or row.claim != claim:
         return None  # someone else (the reconciler) finished or took it
-    return job
+    job = Job(**{k: getattr(row, k) for k in _JOB_FIELDS})
+    return job, _TenantRef(job.tenant_id, row.tenant_path)
+
+
+_LOCK_JOBS = (
+    sa_select(_JOB, _TENANT.c.path.label("tenant_path"))
+    .join(_TENANT, _TENANT.c.id == _JOB.c.tenant_id)
+    .where(_JOB.c.id.in_(bindparam("jids", expanding=True)))
+    .order_by(_JOB.c.id)
+    .with_for_update(of=_JOB)
+)
+
+
+_SAVES: dict[tuple[str, ...], Any] = {}
+
+
+def _save(session: Session, job: Job, *fields: str) -> None:
+    """Write `fields` of a job read by `_locked_job` (its row is locked)."""
+    stmt = _SAVES.get(fields)
+    if stmt is None:
+        stmt = _SAVES.setdefault(
+            fields,
+            update(_JOB)
+            .where(_JOB.c.id == bindparam("jid"))
+            .values({k: bindparam(f"v_{k}") for k in fields}),
+        )
+    params = {f"v_{k}": getattr(job, k) for k in fields}
+    session.connection().execute(stmt, {"jid": job.id, **params})
+
+
+def _beat(session: Session, c: Claimed) -> bool:
+    """Refresh the heartbeat while the claim is ours; False when it is not any more."""
+    done = session.connection().execute(
+        _BEAT, {"jid": c.job.id, "b_claim": c.claim, "now": clock.now()}
+    )
+    return bool(done.rowcount)
 
 
 def _book(
@@ -297,32 +391,21 @@ def _emit(
     )
 
 
-def _finish_create(session: Session, job: Job, observed: drv.Server, provider: Provider) -> Server:
+class _NotBatched(Exception):
+    """A job whose booking a batch leaves to be done on its own (see finish_batch)."""
+
+
+def _finish_create(
+    session: Session,
+    job: Job,
+    observed: drv.Server,
+    provider: Provider,
+    deferred: list[tuple[uuid.UUID, str]] | None = None,
+) -> Server:
+    """The server's row and its booking. With `deferred` (a batch), the commit of the job's
+    reservation is left to the caller, listed there."""
     classes = ledger.resource_classes(session)
-    server = (
-        session.execute(
-            select(Server)
-            .where(
-                Server.provider_id == job.provider_id, Server.external_id == observed.external_id
-            )
-            .with_for_update()
-        )
-        .scalars()
-        .first()
-    )
-    if server is not None and server.booked:
-        # booked by someone else (a center admin adopted it by hand): that booking stands
-        if job.reservation_id is not None:
-            ledger.release(session, job.reservation_id)
-        _append_log(job, note="the server was already booked; the job's reservation was returned")
-        return server
-    # a row sync wrote meanwhile (it leaves servers of running jobs unbooked) is taken over
-    job.server_id = server.id if server is not None else job.server_id
-    ref = owner_ref(job.server_id)
     values = server_values(observed)
-    held = dict(job.grow)
-    if not _commit_growth(session, job, ref):
-        held = {}  # lapsed: the server exists, so what it holds is booked below, forced
     actual = size_of(observed.vcpu, observed.memory_mb, values["disks"], classes)
     if observed.public_ips or job.grow.get("public_ip"):
         actual["public_ip"] = max(len(observed.public_ips), int(job.grow.get("public_ip", 0)))
@@ -334,22 +417,66 @@ def _finish_create(session: Session, job: Job, observed: drv.Server, provider: P
         "tenant_id": job.tenant_id,
         # resolved when the request was accepted (see service._billable)
         "contract_id": uuid.UUID(contract) if contract else None,
-        "booked": _book_difference(session, job, ref, held, actual),
+        # what the ledger ends up holding, whatever was reserved (see _book_difference)
+        "booked": dict(actual),
         "last_seen": clock.now(),
         "drift": None,
         "drift_at": None,
         "adopt_error": None,
         "gone_at": None,
     }
-    if server is None:
-        server = Server(
-            id=job.server_id, provider_id=job.provider_id, external_id=observed.external_id, **owned
-        )
-    else:
-        for k, v in owned.items():
-            setattr(server, k, v)
-    session.add(server)
+    server = Server(
+        id=job.server_id, provider_id=job.provider_id, external_id=observed.external_id, **owned
+    )
+    conn = session.connection()
+    insert_new = _INSERT_NEW_SERVER[conn.dialect.name]
+    if conn.execute(insert_new, {k: getattr(server, k) for k in _SERVER_FIELDS}).first() is None:
+        # a row is there already: sync listed the server while the job ran, or someone adopted it
+        if deferred is not None:
+            raise _NotBatched(f"server {observed.external_id} has a row already")
+        return _take_over(session, job, observed, owned)
+    ref = owner_ref(job.server_id)
+    held = {k: v for k, v in job.grow.items() if v}
+    if deferred is not None:
+        if job.reservation_id is None or held != actual:
+            raise _NotBatched("the server differs from the request")
+        deferred.append((job.reservation_id, ref))
+        return server
+    if not _commit_growth(session, job, ref):
+        held = {}  # lapsed: the server exists, so what it holds is booked, forced
+    _book_difference(session, job, ref, held, actual)
     return server
+
+
+def _take_over(session: Session, job: Job, observed: drv.Server, owned: dict[str, Any]) -> Server:
+    """Finish a create whose server already has a row."""
+    found = (
+        session.connection()
+        .execute(_SERVER_BY_EXTERNAL_ID, {"pid": job.provider_id, "ext": observed.external_id})
+        .first()
+    )
+    assert found is not None
+    if found.booked:
+        # booked by someone else (a center admin adopted it by hand): that booking stands
+        if job.reservation_id is not None:
+            ledger.release(session, job.reservation_id)
+        _append_log(job, note="the server was already booked; the job's reservation was returned")
+        server = session.get(Server, found.id)
+        assert server is not None
+        return server
+    # a row sync wrote meanwhile (it leaves servers of running jobs unbooked) is taken over
+    job.server_id = found.id
+    ref = owner_ref(job.server_id)
+    held = dict(job.grow)
+    if not _commit_growth(session, job, ref):
+        held = {}  # lapsed: the server exists, so what it holds is booked below, forced
+    owned = {**owned, "booked": _book_difference(session, job, ref, held, owned["booked"])}
+    existing = session.get(Server, found.id, populate_existing=True)
+    assert existing is not None
+    for k, v in owned.items():
+        setattr(existing, k, v)
+    session.add(existing)
+    return existing
 
 
 def _finish_change(
@@ -395,53 +522,109 @@ def _finish(
     db: SessionSource, c: Claimed, observed: drv.Server | None, *, note: str | None = None
 ) -> bool:
     with db.unit_of_work() as session:
-        job = _locked_job(session, c.job.id, c.claim)
-        if job is None:
-            return False
-        if job.kind == JobKind.create:
-            assert observed is not None
-            server: Server | None = _finish_create(session, job, observed, c.provider)
-        else:
-            server = _finish_change(session, job, observed, c.provider)
-        now = clock.now()
-        job.state = JobState.succeeded.value
-        job.finished_at = now
-        job.error = None
-        job.error_type = None
-        if server is not None:
-            session.flush()
-            _emit(session, job, server, _EVENT_OF[job.kind], c.provider)
-            job.result = {
-                "server_id": str(server.id),
-                "external_id": server.external_id,
-                "name": server.name,
-                "power_state": server.power_state,
-                "ips": server.ips,
-                "booked": server.booked,
-            }
-        _append_log(job, state=job.state, **({"note": note} if note else {}))
-        session.add(job)
-        tenant = session.get(Tenant, job.tenant_id)
-        audit.record(
-            session,
-            Principal.system(ACTOR),
-            f"job.{job.kind}.succeeded",
-            tenant=tenant,
-            target_type="job",
-            target_id=job.id,
-            after={
-                "server_id": str(job.server_id),
-                "booked": job.result.get("booked") if job.result else None,
-            },
-        )
+        return _finish_in(session, c, observed, note, _locked_job(session, c.job.id, c.claim))
+
+
+def _finish_in(
+    session: Session,
+    c: Claimed,
+    observed: drv.Server | None,
+    note: str | None,
+    locked: tuple[Job, _TenantRef] | None,
+    deferred: list[tuple[uuid.UUID, str]] | None = None,
+) -> bool:
+    """Book a job's outcome in `session`, given the job as read under its row lock."""
+    if locked is None:
+        return False
+    job, tenant = locked
+    if job.kind == JobKind.create:
+        assert observed is not None
+        server: Server | None = _finish_create(session, job, observed, c.provider, deferred)
+    else:
+        server = _finish_change(session, job, observed, c.provider)
+    now = clock.now()
+    job.state = JobState.succeeded.value
+    job.finished_at = now
+    job.error = None
+    job.error_type = None
+    if server is not None:
+        session.flush()  # the server row before the lifecycle event naming it
+        _emit(session, job, server, _EVENT_OF[job.kind], c.provider)
+        job.result = {
+            "server_id": str(server.id),
+            "external_id": server.external_id,
+            "name": server.name,
+            "power_state": server.power_state,
+            "ips": server.ips,
+            "booked": server.booked,
+        }
+    _append_log(job, state=job.state, **({"note": note} if note else {}))
+    _save(session, job, "state", "finished_at", "error", "error_type", "result", "log", "server_id")
+    audit.record(
+        session,
+        Principal.system(ACTOR),
+        f"job.{job.kind}.succeeded",
+        tenant=tenant,
+        target_type="job",
+        target_id=job.id,
+        after={
+            "server_id": str(job.server_id),
+            "booked": job.result.get("booked") if job.result else None,
+        },
+    )
     return True
+
+
+Outcome = tuple[Claimed, drv.Server | None, str | None]  # the job, what the provider shows, a note
+
+
+def finish_batch(db: SessionSource, outcomes: Sequence[Outcome]) -> list[bool] | None:
+    """Book several jobs' outcomes in one unit of work: one commit (and one turn at the audit
+    chain's lock) instead of one each. Returns, per job, whether it was booked (False: the
+    claim was lost, as `_finish`); or None when the batch could not be booked as a whole (a
+    ledger refusal, a server that differs from its request, a database error): nothing of it is
+    kept, and each job is to be finished on its own, where whatever went wrong is handled for
+    that job alone.
+
+    The quota rows are locked last, all at once in the global order: new servers' reservations
+    are committed together at the end, so that requests (which lock their agency's rows) wait
+    for the batch as briefly as possible."""
+    try:
+        with db.unit_of_work() as session:
+            found = {
+                row.id: row
+                for row in session.connection().execute(
+                    _LOCK_JOBS, {"jids": sorted({c.job.id for c, _, _ in outcomes}, key=str)}
+                )
+            }
+            locked = [_ours(found.get(c.job.id), c.claim) for c, _, _ in outcomes]
+            tenants = {mine[0].tenant_id for mine in locked if mine is not None}
+            classes = ledger.resource_classes(session)
+            if len(tenants) > 1 and any(
+                mine[0].kind != JobKind.create for mine in locked if mine is not None
+            ):
+                ledger.lock_tenants(session, tenants, classes)  # before their inline bookings
+            deferred: list[tuple[uuid.UUID, str]] = []
+            booked = [
+                _finish_in(session, c, observed, note, mine, deferred)
+                for (c, observed, note), mine in zip(outcomes, locked, strict=True)
+            ]
+            if len(tenants) > 1:
+                ledger.lock_tenants(session, tenants, classes)
+            for reservation_id, ref in deferred:
+                ledger.commit(session, reservation_id, owner_ref=ref)
+            return booked
+    except Exception:
+        log.info("a batch of finished jobs is booked one by one", exc_info=True)
+        return None
 
 
 def _fail(db: SessionSource, c: Claimed, error: str, error_type: str) -> bool:
     with db.unit_of_work() as session:
-        job = _locked_job(session, c.job.id, c.claim)
-        if job is None:
+        locked = _locked_job(session, c.job.id, c.claim)
+        if locked is None:
             return False
+        job, tenant = locked
         if job.reservation_id is not None:
             ledger.release(session, job.reservation_id)
         job.state = JobState.failed.value
@@ -449,12 +632,12 @@ def _fail(db: SessionSource, c: Claimed, error: str, error_type: str) -> bool:
         job.error = error[:4000]
         job.error_type = error_type
         _append_log(job, state=job.state, error=job.error[:500])
-        session.add(job)
+        _save(session, job, "state", "finished_at", "error", "error_type", "log")
         audit.record(
             session,
             Principal.system(ACTOR),
             f"job.{job.kind}.failed",
-            tenant=session.get(Tenant, job.tenant_id),
+            tenant=tenant,
             target_type="job",
             target_id=job.id,
             after={"error": job.error, "error_type": error_type},
@@ -466,31 +649,40 @@ def _park(db: SessionSource, c: Claimed, error: str) -> None:
     """Leave the job running for the reconciler, due after a backoff that grows per attempt."""
     settings = get_settings()
     with db.unit_of_work() as session:
-        job = _locked_job(session, c.job.id, c.claim)
-        if job is None:
+        locked = _locked_job(session, c.job.id, c.claim)
+        if locked is None:
             return
+        job = locked[0]
         backoff = min(settings.job_stale_seconds, 30 * 2 ** min(job.attempts, 10))
         # the reconciler takes running jobs whose heartbeat is older than job_stale_seconds
         job.heartbeat_at = clock.now() - timedelta(seconds=settings.job_stale_seconds - backoff)
         job.error = error[:4000]
         job.error_type = "Unavailable"
         _append_log(job, note="provider unavailable; the reconciler retries", error=error[:500])
-        session.add(job)
+        _save(session, job, "heartbeat_at", "error", "error_type", "log")
 
 
 def _message(exc: drv.DriverError, provider: Provider) -> str:
     return providers.scrub(exc.provider_message, providers.credentials_of(provider)) or exc.message
 
 
+# books a job's outcome together with others' (see ThreadRunner); None: not booked, on its own
+Finisher = Callable[[Claimed, drv.Server | None, str | None], bool | None]
+
+
 def run(
-    db: SessionSource, job: uuid.UUID | Claimed, *, driver_factory: DriverFactory | None = None
+    db: SessionSource,
+    job: uuid.UUID | Claimed,
+    *,
+    driver_factory: DriverFactory | None = None,
+    finisher: Finisher | None = None,
 ) -> str | None:
     """Run a job to its end: one claimed already by its creator, or a queued one by id (claimed
     here); returns the state it reached (None: not ours to run)."""
     c = job if isinstance(job, Claimed) else _claim(db, job, states=(JobState.queued,))
     if c is None or not _still_ours(db, c):
         return None
-    return _execute(db, c, driver_factory or providers.driver_for, resumed=False)
+    return _execute(db, c, driver_factory or providers.driver_for, resumed=False, finisher=finisher)
 
 
 def _still_ours(db: SessionSource, c: Claimed) -> bool:
@@ -501,12 +693,9 @@ def _still_ours(db: SessionSource, c: Claimed) -> bool:
     ):
         return True  # fresh: no reconciler takes a job before it is stale
     with db.unit_of_work() as session:
-        job = _locked_job(session, c.job.id, c.claim)
-        if job is None:
+        if not _beat(session, c):
             log.info("job taken over while it waited for a worker", job=str(c.job.id))
             return False
-        job.heartbeat_at = clock.now()
-        session.add(job)
     return True
 
 
@@ -514,35 +703,84 @@ def beat_interval() -> float:
     return max(1.0, get_settings().job_stale_seconds / 3)
 
 
+class _Heart:
+    """One thread per process that beats for every job whose provider call is in flight: a
+    thread started per job costs more than the job itself when the provider answers at once."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        # claim -> (database, job, interval, next beat due, as time.monotonic())
+        self._jobs: dict[uuid.UUID, tuple[SessionSource, Claimed, float, float]] = {}
+        self._beating: set[uuid.UUID] = set()
+        self._thread: threading.Thread | None = None
+
+    def add(self, db: SessionSource, c: Claimed, interval: float) -> None:
+        with self._cond:
+            self._jobs[c.claim] = (db, c, interval, time.monotonic() + interval)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def remove(self, c: Claimed) -> None:
+        """Stop beating for `c`; returns once no beat for it is under way (a late beat would
+        overwrite a heartbeat the caller is about to set, e.g. when parking the job)."""
+        with self._cond:
+            self._jobs.pop(c.claim, None)
+            while c.claim in self._beating:
+                self._cond.wait()
+
+    def _due(self) -> list[tuple[SessionSource, Claimed]]:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                due = [(k, v) for k, v in self._jobs.items() if v[3] <= now]
+                if due:
+                    for claim, (db, c, interval, _) in due:
+                        self._jobs[claim] = (db, c, interval, now + interval)
+                        self._beating.add(claim)
+                    return [(v[0], v[1]) for _, v in due]
+                nxt = min((v[3] for v in self._jobs.values()), default=None)
+                self._cond.wait(None if nxt is None else nxt - now)
+
+    def _run(self) -> None:
+        while True:
+            for db, c in self._due():
+                try:
+                    with db.unit_of_work() as session:
+                        if not _beat(session, c):
+                            with self._cond:
+                                self._jobs.pop(c.claim, None)
+                except Exception:  # a missed beat is not worth a crashed job
+                    log.warning("job heartbeat failed", job=str(c.job.id), exc_info=True)
+                finally:
+                    with self._cond:
+                        self._beating.discard(c.claim)
+                        self._cond.notify_all()
+
+
+_heart = _Heart()
+
+
 @contextlib.contextmanager
 def _heartbeat(db: SessionSource, c: Claimed) -> Iterator[None]:
     """Keep the job's heartbeat fresh while the provider works (a clone can take longer than
     the stale threshold), so that the reconciler does not take over a job that is alive."""
-    interval = beat_interval()
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(interval):
-            try:
-                with db.unit_of_work() as session:
-                    job = _locked_job(session, c.job.id, c.claim)
-                    if job is None:
-                        return
-                    job.heartbeat_at = clock.now()
-                    session.add(job)
-            except Exception:  # a missed beat is not worth a crashed job
-                log.warning("job heartbeat failed", job=str(c.job.id), exc_info=True)
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{c.job.id}", daemon=True)
-    thread.start()
+    _heart.add(db, c, beat_interval())
     try:
         yield
     finally:
-        stop.set()
-        thread.join()
+        _heart.remove(c)
 
 
-def _execute(db: SessionSource, c: Claimed, factory: DriverFactory, *, resumed: bool) -> str:
+def _execute(
+    db: SessionSource,
+    c: Claimed,
+    factory: DriverFactory,
+    *,
+    resumed: bool,
+    finisher: Finisher | None = None,
+) -> str:
     driver: drv.Driver | None = None
     try:
         driver = factory(c.provider)
@@ -551,16 +789,22 @@ def _execute(db: SessionSource, c: Claimed, factory: DriverFactory, *, resumed: 
     except drv.DriverError as exc:
         message = _message(exc, c.provider)
         if exc.retryable:
-            return _unsure(db, c, driver, message)
+            return _unsure(db, c, driver, message, finisher)
         _fail(db, c, message, type(exc).__name__)
         return JobState.failed.value
     finally:
         if driver is not None:
             driver.close()
-    return _conclude(db, c, observed)
+    return _conclude(db, c, observed, finisher=finisher)
 
 
-def _unsure(db: SessionSource, c: Claimed, driver: drv.Driver | None, message: str) -> str:
+def _unsure(
+    db: SessionSource,
+    c: Claimed,
+    driver: drv.Driver | None,
+    message: str,
+    finisher: Finisher | None = None,
+) -> str:
     """The provider failed in a way that may hide success (a lost answer, a timeout): look.
     Found done: finish. Found not done: fail and release. Cannot look: park for the reconciler,
     until the attempts run out."""
@@ -582,17 +826,25 @@ def _unsure(db: SessionSource, c: Claimed, driver: drv.Driver | None, message: s
         c,
         outcome if isinstance(outcome, drv.Server) else None,
         note="the provider's answer was lost; its state shows the change made",
+        finisher=finisher,
     )
 
 
 def _conclude(
-    db: SessionSource, c: Claimed, observed: drv.Server | None, *, note: str | None = None
+    db: SessionSource,
+    c: Claimed,
+    observed: drv.Server | None,
+    *,
+    note: str | None = None,
+    finisher: Finisher | None = None,
 ) -> str:
     """Book what the provider did. Should the ledger refuse (a shrink of something the server
     never booked, a quota that lapsed during the job), the job ends failed with why, instead of
     staying running for ever; the next sync flags any difference as drift for the center."""
     try:
-        done = _finish(db, c, observed, note=note)
+        done = finisher(c, observed, note) if finisher is not None else None
+        if done is None:
+            done = _finish(db, c, observed, note=note)
     except GovbrokerError as exc:
         _fail(
             db,
@@ -750,9 +1002,68 @@ class InlineRunner:
         run(self.db, job, driver_factory=self.driver_factory)
 
 
+class _Batcher:
+    """Books finished jobs in batches, in a thread of its own: each worker hands over what the
+    provider did and waits for the booking; whatever arrives while a batch is being booked goes
+    into the next one. Nothing waits on purpose, so a lone job is booked at once."""
+
+    def __init__(self, db: SessionSource, most: int) -> None:
+        self.db = db
+        self.most = most
+        self._cond = threading.Condition()
+        self._queue: list[_Slot] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def __call__(self, c: Claimed, observed: drv.Server | None, note: str | None) -> bool | None:
+        slot = _Slot((c, observed, note))
+        with self._cond:
+            if self._stopping:
+                return None
+            self._queue.append(slot)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="job-batcher", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        slot.done.wait()
+        return slot.booked
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue[: self.most], self._queue[self.most :]
+            booked = finish_batch(self.db, [slot.outcome for slot in batch])
+            for n, slot in enumerate(batch):
+                slot.booked = booked[n] if booked is not None else None
+                slot.done.set()
+
+    def stop(self) -> None:
+        """Book what is queued, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+
+@dataclass
+class _Slot:
+    outcome: Outcome
+    booked: bool | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class ThreadRunner:
     """A bounded pool of worker threads in the API process. A job lost with the process is
-    found by the reconciler, so nothing here needs to survive a restart."""
+    found by the reconciler, so nothing here needs to survive a restart. The workers call the
+    providers; what they did is booked in batches (see `finish_batch`)."""
+
+    BATCH = 16
 
     def __init__(
         self,
@@ -765,12 +1076,13 @@ class ThreadRunner:
         self._pool = ThreadPoolExecutor(
             max_workers=workers or get_settings().job_workers, thread_name_prefix="job"
         )
+        self._batcher = _Batcher(db, self.BATCH)
         self._pending: set[Future[Any]] = set()
         self._lock = threading.Lock()
 
     def _run(self, job: uuid.UUID | Claimed) -> None:
         try:
-            run(self.db, job, driver_factory=self.driver_factory)
+            run(self.db, job, driver_factory=self.driver_factory, finisher=self._batcher)
         except Exception:
             job_id = job.job.id if isinstance(job, Claimed) else job
             log.exception("job crashed; the reconciler will pick it up", job=str(job_id))
@@ -794,3 +1106,4 @@ class ThreadRunner:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
+        self._batcher.stop()

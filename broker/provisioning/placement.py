@@ -10,13 +10,16 @@ placed before the next sync do not all pile onto the same host.
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlmodel import Session, col, select
+from sqlalchemy import bindparam, text, update
+from sqlalchemy import select as sa_select
+from sqlmodel import Session
 
 from broker.core.errors import Conflict
 from broker.inventory.models import InventoryHost, InventoryStorage, Provider
@@ -166,43 +169,83 @@ class NoPlacement(Conflict):
 Needs = Mapping[uuid.UUID, tuple[Mapping[str, int], Mapping[str, int], frozenset[str] | None]]
 
 
+# Placement runs in every request's transaction: its statements are Core, built once (ORM
+# objects for every host and pool cost more than the choice itself).
+_HOST = InventoryHost.__table__  # type: ignore[attr-defined]
+_POOL = InventoryStorage.__table__  # type: ignore[attr-defined]
+_HOSTS = (
+    sa_select(
+        _HOST.c.id,
+        _HOST.c.provider_id,
+        _HOST.c.external_id,
+        _HOST.c.name,
+        _HOST.c.state,
+        _HOST.c.capacity,
+        _HOST.c.allocated,
+        _HOST.c.overcommit,
+    )
+    .where(_HOST.c.provider_id.in_(bindparam("ids", expanding=True)), _HOST.c.gone_at.is_(None))
+    .order_by(_HOST.c.id)
+    .with_for_update()
+)
+_POOLS = (
+    sa_select(
+        _POOL.c.id,
+        _POOL.c.provider_id,
+        _POOL.c.external_id,
+        _POOL.c.name,
+        _POOL.c.tier,
+        _POOL.c.capacity_gb,
+        _POOL.c.free_gb,
+    )
+    .where(_POOL.c.provider_id.in_(bindparam("ids", expanding=True)), _POOL.c.gone_at.is_(None))
+    .order_by(_POOL.c.id)
+    .with_for_update()
+)
+_BOOK_HOST = update(_HOST).where(_HOST.c.id == bindparam("hid")).values(allocated=bindparam("a"))
+_BOOK_POOL = update(_POOL).where(_POOL.c.id == bindparam("pid")).values(free_gb=bindparam("f"))
+_PG_BOOK = text(
+    "WITH h AS (UPDATE inventory_host SET allocated = CAST(:a AS json) WHERE id = :hid)"
+    " UPDATE inventory_storage SET free_gb = d.f"
+    " FROM unnest(CAST(:pids AS uuid[]), CAST(:fs AS bigint[])) AS d(id, f)"
+    " WHERE inventory_storage.id = d.id"
+)
+
+
 def _candidates(
     session: Session, provider_list: Sequence[Provider], needs: Needs
-) -> list[Candidate]:
+) -> tuple[list[Candidate], dict[uuid.UUID, Mapping[str, int]]]:
     """The room on every candidate, read under row locks (hosts, then pools, each in id order,
-    as sync takes them): what is chosen is what is booked, even with requests racing."""
+    as sync takes them): what is chosen is what is booked, even with requests racing. Also what
+    each host has allocated now, to book the choice on."""
     ids = [p.id for p in provider_list]
     hosts: dict[uuid.UUID, list[HostRoom]] = {pid: [] for pid in ids}
+    allocated: dict[uuid.UUID, Mapping[str, int]] = {}
     by_id = {p.id: p for p in provider_list}
-    for h in session.execute(
-        select(InventoryHost)
-        .where(col(InventoryHost.provider_id).in_(ids), col(InventoryHost.gone_at).is_(None))
-        .order_by(col(InventoryHost.id))
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).scalars():
+    conn = session.connection()
+    for h in conn.execute(_HOSTS, {"ids": ids}):
+        # the row has the columns overcommit_ratio reads from a host
+        row = cast(InventoryHost, h)
         capacity = {
             cls: math.floor(
-                int(h.capacity.get(cls, 0)) * overcommit_ratio(by_id[h.provider_id], h, cls)
+                int(h.capacity.get(cls, 0)) * overcommit_ratio(by_id[h.provider_id], row, cls)
             )
             for cls in HOST_CLASSES
         }
         free = {cls: capacity[cls] - int(h.allocated.get(cls, 0)) for cls in HOST_CLASSES}
+        allocated[h.id] = h.allocated
         hosts[h.provider_id].append(
             HostRoom(h.id, h.external_id, h.name, capacity, free, up=h.state in ("up", "connected"))
         )
     pools: dict[uuid.UUID, list[PoolRoom]] = {pid: [] for pid in ids}
-    for s in session.execute(
-        select(InventoryStorage)
-        .where(col(InventoryStorage.provider_id).in_(ids), col(InventoryStorage.gone_at).is_(None))
-        .order_by(col(InventoryStorage.id))
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).scalars():
+    for s in conn.execute(_POOLS, {"ids": ids}):
         pools[s.provider_id].append(
             PoolRoom(s.id, s.external_id, s.name, s.tier, s.capacity_gb, s.free_gb)
         )
-    return [Candidate(p.id, p.name, hosts[p.id], pools[p.id], *needs[p.id]) for p in provider_list]
+    candidates = [
+        Candidate(p.id, p.name, hosts[p.id], pools[p.id], *needs[p.id]) for p in provider_list
+    ]
+    return candidates, allocated
 
 
 def place(session: Session, provider_list: Sequence[Provider], needs: Needs) -> Choice:
@@ -211,7 +254,8 @@ def place(session: Session, provider_list: Sequence[Provider], needs: Needs) -> 
     The room is read and booked under row locks, so racing requests never pile onto one host;
     what a host really holds is only known at the next sync, and the provider has the last word:
     a create it refuses fails its job and gives the quota back."""
-    choice, explanation = compute_placement(_candidates(session, provider_list, needs))
+    candidates, allocated = _candidates(session, provider_list, needs)
+    choice, explanation = compute_placement(candidates)
     if choice is None:
         reasons = [
             f"{r['provider']}{'/' + r['host'] if 'host' in r else ''}: {r['why']}"
@@ -222,18 +266,38 @@ def place(session: Session, provider_list: Sequence[Provider], needs: Needs) -> 
             extra={"placement": explanation},
         )
     need, disks, _ = needs[choice.provider_id]
-    # the rows were locked and loaded above: these are the identity map's copies
+    conn = session.connection()
+    # absolute values computed from the rows read under the locks above
+    free = {pool.id: max(0, pool.free_gb - int(disks[tier])) for tier, pool in choice.pools.items()}
     if choice.host is not None:
-        row = session.get(InventoryHost, choice.host.id)
-        if row is not None:
-            row.allocated = {
-                **row.allocated,
-                **{c: int(row.allocated.get(c, 0)) + int(need.get(c, 0)) for c in HOST_CLASSES},
-            }
-            session.add(row)
-    for tier, pool in choice.pools.items():
-        prow = session.get(InventoryStorage, pool.id)
-        if prow is not None:
-            prow.free_gb = max(0, prow.free_gb - int(disks[tier]))
-            session.add(prow)
+        was = allocated[choice.host.id]
+        now = {**was, **{c: int(was.get(c, 0)) + int(need.get(c, 0)) for c in HOST_CLASSES}}
+        if free and conn.dialect.name == "postgresql":
+            # one round trip for the host and its pools: these locks are every request's
+            conn.execute(
+                _PG_BOOK,
+                {
+                    "hid": choice.host.id,
+                    "a": json.dumps(now),
+                    "pids": list(free),
+                    "fs": list(free.values()),
+                },
+            )
+            free = {}
+        else:
+            conn.execute(_BOOK_HOST, {"hid": choice.host.id, "a": now})
+    for pid, left in free.items():
+        conn.execute(_BOOK_POOL, {"pid": pid, "f": left})
+    _forget_loaded(session, choice)
     return choice
+
+
+def _forget_loaded(session: Session, choice: Choice) -> None:
+    """Host and pool objects this session loaded before must not show the room as it was."""
+    keys = [session.identity_key(InventoryStorage, p.id) for p in choice.pools.values()]
+    if choice.host is not None:
+        keys.append(session.identity_key(InventoryHost, choice.host.id))
+    for key in keys:
+        loaded = session.identity_map.get(key)
+        if loaded is not None:
+            session.expire(loaded)

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_
+from sqlalchemy import and_, bindparam, insert, or_
+from sqlalchemy import delete as sa_delete
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -204,11 +206,9 @@ def _resolve_on(
 
 
 def _candidates(
-    session: Session, agency: Tenant, data: ServerCreate, policy: AgencyPolicy | None
+    data: ServerCreate, policy: AgencyPolicy | None, offer: catalog.Offer
 ) -> dict[uuid.UUID, Resolved]:
-    offered, provs = catalog.offered_catalog(
-        session, agency.id, company_id=policy.service_company_id if policy else None
-    )
+    offered, provs = offer.items, dict(offer.providers)
     if data.provider is not None:
         wanted = [p for p in provs.values() if data.provider in (p.name, str(p.id))]
         if not wanted:
@@ -311,8 +311,16 @@ def quota_of(
     return sizes
 
 
-def _system(session: Session, principal: Principal, system_id: uuid.UUID) -> Tenant:
-    system = session.get(Tenant, system_id)
+_PARENT_OF = select(Tenant.parent_id).where(Tenant.id == bindparam("sid")).scalar_subquery()
+_SYSTEM_AND_PARENT = select(Tenant).where(
+    or_(col(Tenant.id) == bindparam("sid"), col(Tenant.id) == _PARENT_OF)
+)
+
+
+def _system(session: Session, principal: Principal, system_id: uuid.UUID) -> tuple[Tenant, Tenant]:
+    """The system a server is asked for, checked, and its agency: one statement for both."""
+    loaded = {t.id: t for t in session.execute(_SYSTEM_AND_PARENT, {"sid": system_id}).scalars()}
+    system = loaded.get(system_id)
     # another agency's system must look exactly like a missing one
     if system is None or not principal.sees(system.path):
         raise Invalid.field("system_id", f"no system {system_id}", "not_found")
@@ -321,7 +329,8 @@ def _system(session: Session, principal: Principal, system_id: uuid.UUID) -> Ten
     authorize(principal, MANAGE, system, subject=f"system {system_id}")
     if system.status != TenantStatus.active:
         raise Conflict.field("system_id", f"system {system.code} is {system.status}", "inactive")
-    return system
+    # the parent was loaded above (`loaded` keeps it in the identity map): no second query
+    return system, catalog.agency_of(session, system)
 
 
 def _needs_approval(policy: AgencyPolicy | None, vcpu: int, memory_mb: int) -> bool:
@@ -339,6 +348,12 @@ def _approval_window(job: Job, policy: AgencyPolicy) -> timedelta:
     job.state = JobState.pending_approval.value
     job.deadline = clock.now() + timedelta(hours=policy.approval_hours)
     job.log = [{"at": clock.now().isoformat(), "state": job.state}]
+    return _approval_ttl(policy)
+
+
+def _approval_ttl(policy: AgencyPolicy | None) -> timedelta:
+    """How long the reservation of a job waiting for approval must hold."""
+    assert policy is not None
     return timedelta(hours=policy.approval_hours + get_settings().job_reservation_hours)
 
 
@@ -352,8 +367,9 @@ def _new_job(
     provider_id: uuid.UUID,
     principal: Principal,
     params: dict[str, Any],
+    job_id: uuid.UUID | None = None,
 ) -> Job:
-    job_id = uuid.uuid4()
+    job_id = job_id or uuid.uuid4()
     now = clock.now()
     return Job(
         id=job_id,
@@ -383,35 +399,114 @@ def _reserve(
 ) -> None:
     if not job.grow:
         return
+    job.reservation_id = _hold(
+        session, job.id, tenant_id, job.grow, principal, ttl=ttl, owner=owner
+    )
+
+
+def _hold(
+    session: Session,
+    job_id: uuid.UUID,
+    tenant_id: uuid.UUID,
+    grow: Mapping[str, int],
+    principal: Principal,
+    *,
+    ttl: timedelta | None = None,
+    owner: str | None = None,
+) -> uuid.UUID:
+    """Reserve what the job `job_id` grows by; the reservation's id."""
     settings = get_settings()
     reservation = ledger.reserve(
         session,
         tenant_id,
-        job.grow,
-        ref=f"job:{job.id}",
+        grow,
+        ref=f"job:{job_id}",
         actor=principal.username,
         ttl=ttl or timedelta(hours=settings.job_reservation_hours),
         owner_ref=owner,
     )
-    job.reservation_id = reservation.id
+    return reservation.id
+
+
+_JOB = Job.__table__  # type: ignore[attr-defined]
+_KEY = IdempotencyKey.__table__  # type: ignore[attr-defined]
+_INSERT_JOB = insert(_JOB)
+_JOB_COLUMNS = tuple(c.key for c in _JOB.columns)
+_KEY_COLUMNS = tuple(c.key for c in _KEY.columns)
+# PostgreSQL: the job and its idempotency key in one round trip (the key's foreign key is
+# checked at the end of the statement, when the job is there)
+_PG_INSERT_JOB_AND_KEY = (
+    insert(_KEY)
+    .values({c.key: bindparam(f"k_{c.key}", type_=c.type) for c in _KEY.columns})
+    .add_cte(
+        insert(_JOB)
+        .values({c.key: bindparam(f"j_{c.key}", type_=c.type) for c in _JOB.columns})
+        .cte("j")
+    )
+)
+
+
+def _insert_job(session: Session, job: Job, key: Mapping[str, Any] | None = None) -> None:
+    """Write a new job (and the idempotency key that answers for it) with Core; the job object
+    stays out of the session (nothing else in the unit of work changes it, and a worker takes
+    it over once committed)."""
+    conn = session.connection()
+    values = {k: getattr(job, k) for k in _JOB_COLUMNS}
+    if key is None:
+        conn.execute(_INSERT_JOB, values)
+    elif conn.dialect.name == "postgresql":
+        conn.execute(
+            _PG_INSERT_JOB_AND_KEY,
+            {
+                **{f"j_{k}": v for k, v in values.items()},
+                **{f"k_{k}": key[k] for k in _KEY_COLUMNS},
+            },
+        )
+    else:
+        conn.execute(_INSERT_JOB, values)
+        conn.execute(_INSERT_KEY, dict(key))
 
 
 def create_job(session: Session, principal: Principal, data: ServerCreate) -> Job:
     """Validate, place and reserve a new server; the job that will build it, queued (or waiting
-    for an agency admin's approval, with the quota held meanwhile)."""
+    for an agency admin's approval, with the quota held meanwhile). The job is written, but not
+    kept in the session."""
+    job = _create(session, principal, data)[0]
+    _insert_job(session, job)
+    return job
+
+
+def _create(session: Session, principal: Principal, data: ServerCreate) -> tuple[Job, Provider]:
     if (data.flavor is None) == (data.vcpu is None or data.memory_mb is None):
         if data.flavor is not None:
             raise Invalid.field("flavor", "give a flavor or vcpu and memory_mb, not both", "both")
         raise Invalid.field("flavor", "give a flavor, or vcpu and memory_mb", "missing")
     if data.bandwidth_mbps is not None and not data.public_ip:
         raise Invalid.field("bandwidth_mbps", "bandwidth is for a public IP; ask for one", "no_ip")
-    system = _system(session, principal, data.system_id)
-    agency = catalog.agency_of(session, system)
-    policy = session.get(AgencyPolicy, agency.id)
-    resolved, bound = _billable(
-        session, agency, data, policy, _candidates(session, agency, data, policy)
-    )
+    system, agency = _system(session, principal, data.system_id)
+    offer = catalog.offer(session, agency.id)
+    policy = offer.policy
+    resolved, bound = _billable(session, agency, data, policy, _candidates(data, policy, offer))
     classes = ledger.resource_classes(session)
+    amounts = {
+        pid: quota_of(r, data.public_ip, data.bandwidth_mbps, classes)
+        for pid, r in resolved.items()
+    }
+    job_id = uuid.uuid4()
+    held: uuid.UUID | None = None
+    if len({tuple(sorted(a.items())) for a in amounts.values()}) == 1:
+        # the quota does not depend on where the server goes: it is held before the room on a
+        # host is, so that the hosts' row locks (which every request takes) are held briefly
+        first = next(iter(resolved.values()))
+        approval = _needs_approval(policy, first.vcpu, first.memory_mb)
+        held = _hold(
+            session,
+            job_id,
+            system.id,
+            amounts[first.provider.id],
+            principal,
+            ttl=_approval_ttl(policy) if approval else None,
+        )
     choice = place(
         session,
         [r.provider for r in resolved.values()],
@@ -421,7 +516,9 @@ def create_job(session: Session, principal: Principal, data: ServerCreate) -> Jo
     contract = bound[_company_of(r.provider, policy)]
     approval = _needs_approval(policy, r.vcpu, r.memory_mb)
     server_id = uuid.uuid4()
+    request = data.model_dump(mode="json")
     job = _new_job(
+        job_id=job_id,
         kind=JobKind.create,
         state=JobState.pending_approval if approval else JobState.queued,
         tenant=system,
@@ -431,7 +528,7 @@ def create_job(session: Session, principal: Principal, data: ServerCreate) -> Jo
         principal=principal,
         params={
             "name": data.name,
-            "request": data.model_dump(mode="json"),
+            "request": request,
             "image": r.image.external_id,
             "flavor": r.flavor.external_id if r.flavor else None,
             "vcpu": r.vcpu,
@@ -449,17 +546,18 @@ def create_job(session: Session, principal: Principal, data: ServerCreate) -> Jo
         },
     )
     job.placement = choice.explanation
-    job.grow = quota_of(r, data.public_ip, data.bandwidth_mbps, classes)
+    job.grow = amounts[choice.provider_id]
     ttl = None
     if approval:
         assert policy is not None
         ttl = _approval_window(job, policy)
     if not approval:
         executor.start(job)  # the worker this process hands it to needs no claim of its own
-    session.add(job)
-    session.flush()
-    _reserve(session, job, system.id, principal, ttl=ttl)
-    session.add(job)
+    # the reservation before the job row, which is then written once, with it (by the caller)
+    if held is not None:
+        job.reservation_id = held
+    else:
+        _reserve(session, job, system.id, principal, ttl=ttl)
     audit.record(
         session,
         principal,
@@ -476,8 +574,7 @@ def create_job(session: Session, principal: Principal, data: ServerCreate) -> Jo
             "contract": contract.number if contract is not None else None,
         },
     )
-    session.flush()
-    return job
+    return job, r.provider
 
 
 @dataclass(frozen=True)
@@ -490,14 +587,32 @@ class Submitted:
     claimed: executor.Claimed | None = None
 
 
-def _key_row(session: Session, principal: Principal, key: str) -> IdempotencyKey | None:
-    stmt = select(IdempotencyKey).where(
-        IdempotencyKey.principal == principal.username[:64], IdempotencyKey.key == key
+@dataclass(frozen=True)
+class _KeyRow:
+    id: uuid.UUID
+    request_hash: str
+    job_id: uuid.UUID
+    response: dict[str, Any]
+    expires_at: datetime
+
+
+_KEY_ROW = sa_select(
+    _KEY.c.id, _KEY.c.request_hash, _KEY.c.job_id, _KEY.c.response, _KEY.c.expires_at
+).where(_KEY.c.principal == bindparam("principal"), _KEY.c.key == bindparam("key"))
+_DELETE_KEY = sa_delete(_KEY).where(_KEY.c.id == bindparam("kid"))
+_INSERT_KEY = insert(_KEY)
+
+
+def _key_row(session: Session, principal: Principal, key: str) -> _KeyRow | None:
+    found = (
+        session.connection()
+        .execute(_KEY_ROW, {"principal": principal.username[:64], "key": key})
+        .first()
     )
-    return session.execute(stmt).scalars().first()
+    return _KeyRow(*found) if found is not None else None
 
 
-def _replay(row: IdempotencyKey, digest: str) -> Submitted:
+def _replay(row: _KeyRow, digest: str) -> Submitted:
     if row.request_hash != digest:
         raise Invalid.field(
             IDEMPOTENCY_FIELD, "was used before with a different request body", "reused"
@@ -521,24 +636,26 @@ def request_server(
                     if row is not None and row.expires_at > clock.now():
                         return _replay(row, digest)
                     if row is not None:
-                        session.delete(row)
-                        session.flush()
-                job = create_job(session, principal, data)
+                        session.connection().execute(_DELETE_KEY, {"kid": row.id})
+                job, provider = _create(session, principal, data)
                 response = JobPublic.model_validate(job).model_dump(mode="json")
+                remembered = None
                 if key is not None:
-                    session.add(
-                        IdempotencyKey(
-                            principal=principal.username[:64],
-                            key=key,
-                            request_hash=digest,
-                            job_id=job.id,
-                            response=response,
-                            expires_at=clock.now()
-                            + timedelta(hours=get_settings().idempotency_hours),
-                        )
-                    )
-                    session.flush()
-                claimed = executor.handover(session, job)
+                    now = clock.now()
+                    remembered = {
+                        "id": uuid.uuid4(),
+                        "principal": principal.username[:64],
+                        "key": key,
+                        "request_hash": digest,
+                        "job_id": job.id,
+                        "response": response,
+                        "created_at": now,
+                        "expires_at": now + timedelta(hours=get_settings().idempotency_hours),
+                    }
+                _insert_job(session, job, remembered)
+                claimed = None
+                if job.state == JobState.running and job.claim is not None:
+                    claimed = executor.Claimed(job, provider, job.claim)
                 return Submitted(job.id, job.state, response, False, claimed)
         except IntegrityError:
             # an identical request committed first (the unique key): answer as it was answered
@@ -754,8 +871,7 @@ def _submit(
         ttl = _approval_window(job, approval)
     else:
         executor.start(job)
-    session.add(job)
-    session.flush()
+    # the reservation first: the job row is then written once, with its reservation
     _reserve(session, job, tenant.id, principal, ttl=ttl, owner=owner_ref(server.id))
     session.add(job)
     audit.record(

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
+from sqlalchemy import event
+from sqlalchemy.orm import Mapper, object_session
+from sqlalchemy.orm import Session as SASession
 from sqlmodel import Session, col, select
 
 from broker.audit import service as audit
@@ -285,6 +290,10 @@ def _active_user(session: Session, user_id: Any) -> User:
 
 
 def _by_api_token(session: Session, raw: str) -> Authenticated:
+    return _check_api_token(session, raw)[0]
+
+
+def _check_api_token(session: Session, raw: str) -> tuple[Authenticated, ApiToken]:
     token = (
         session.execute(select(ApiToken).where(ApiToken.token_hash == hash_token(raw)))
         .scalars()
@@ -297,10 +306,96 @@ def _by_api_token(session: Session, raw: str) -> Authenticated:
         raise Unauthenticated("the API token has expired")
     user = _active_user(session, token.user_id)
     stale = token.last_used_at is None or now - token.last_used_at > _LAST_USED_GRANULARITY
-    return Authenticated(
+    authenticated = Authenticated(
         load_principal(session, user, method="token", token_id=token.id),
         touch_token=token.id if stale else None,
     )
+    return authenticated, token
+
+
+# --- API tokens checked a moment ago -------------------------------------------------------------
+#
+# An API token's principal is remembered for AUTH_CACHE_SECONDS after a full check, so that a
+# client sending many requests is not looked up (token, user, role bindings) for every one.
+# Bound on what it may miss: a change committed by this process to any token, user, role binding
+# or tenant empties the memory at once (after its commit); one committed by another process
+# (another API replica, the CLI) or edited outside govbroker is seen within AUTH_CACHE_SECONDS.
+# The token's own expiry is checked on every use. Session and OIDC tokens are always checked.
+AUTH_CACHE_SECONDS = 3.0
+_monotonic = time.monotonic  # the memory's own clock (tests move it; the broker clock is UTC)
+
+
+@dataclass(frozen=True)
+class _Remembered:
+    principal: Principal
+    token_expires_at: datetime
+    last_used_at: datetime | None
+    checked: float  # _monotonic() of the full check
+
+
+_remembered: dict[tuple[str, str], _Remembered] = {}
+_remembered_lock = threading.Lock()
+_remembered_generation = 0  # bumped by every forget: a check begun before one is not kept
+_WROTE_IDENTITY = "govbroker.auth.wrote_identity"
+_REMEMBERED_MOST = 10_000
+
+
+def remembered(database: str, credential: str) -> Principal | None:
+    """The principal of an API token fully checked less than AUTH_CACHE_SECONDS ago (in
+    `database`, a key naming the database), or None: then `authenticate_remembering`."""
+    if not credential.startswith(TOKEN_PREFIX):
+        return None
+    entry = _remembered.get((database, hash_token(credential)))
+    if entry is None or _monotonic() - entry.checked >= AUTH_CACHE_SECONDS:
+        return None
+    now = clock.now()
+    if entry.token_expires_at <= now:
+        return None  # the full check says why
+    if entry.last_used_at is None or now - entry.last_used_at > _LAST_USED_GRANULARITY:
+        return None  # due for its last-used time: the full check asks for it
+    return entry.principal
+
+
+def authenticate_remembering(session: Session, database: str, credential: str) -> Authenticated:
+    """`authenticate`, remembering an API token's principal for `remembered`."""
+    if not credential.startswith(TOKEN_PREFIX):
+        return authenticate(session, credential)
+    generation = _remembered_generation
+    checked = _monotonic()
+    authenticated, token = _check_api_token(session, credential)
+    last_used = clock.now() if authenticated.touch_token is not None else token.last_used_at
+    entry = _Remembered(authenticated.principal, token.expires_at, last_used, checked)
+    with _remembered_lock:
+        if generation == _remembered_generation:
+            if len(_remembered) >= _REMEMBERED_MOST:
+                _remembered.clear()  # a bound on memory, not on staleness: start over
+            _remembered[(database, token.token_hash)] = entry
+    return authenticated
+
+
+def forget_remembered() -> None:
+    """Forget every remembered principal (done after any commit that changed identities)."""
+    global _remembered_generation
+    with _remembered_lock:
+        _remembered_generation += 1
+        _remembered.clear()
+
+
+def _wrote_identity(_mapper: Mapper[Any], _conn: Any, target: Any) -> None:
+    session = object_session(target)
+    if session is not None:
+        session.info[_WROTE_IDENTITY] = True
+
+
+for _cls in (ApiToken, User, RoleBinding, Tenant):
+    for _event in ("after_insert", "after_update", "after_delete"):
+        event.listen(_cls, _event, _wrote_identity)
+
+
+@event.listens_for(SASession, "after_commit")
+def _forget_after_commit(session: SASession) -> None:
+    if session.info.pop(_WROTE_IDENTITY, False):
+        forget_remembered()
 
 
 def touch_token(session: Session, token_id: uuid.UUID) -> None:
