@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark of self-service provisioning through the HTTP API, against the bare simulator driver.
 
-    .venv/bin/python bench/provision.py [--count 1000] [--rate 60] [--clients 24] [--warmup 16]
+    .venv/bin/python bench/provision.py [--count 1000] [--rate 60] [--capacity N] [--clients 24]
+                      [--warmup 16]
                       [--backend sqlite|postgresql] [--sim-state shared|file] [--job-workers N]
                       [--profile N] [--keep]
 
@@ -37,6 +38,10 @@ Prints exactly one JSON line on stdout (progress goes to stderr). What it does:
   job's `finished_at` (the database is polled until every job is final), so VMs/s = count /
   (last finished_at − first POST sent). POST latency is measured at the client; the server's CPU
   time over the run comes from /proc, the clients' (this process) too;
+* capacity: after an open-loop run, `--capacity` more POSTs (default: `--count`) on the same
+  server, closed loop over the same connections, once the first run's jobs have all ended. An
+  open-loop run's VMs/s can be no more than the rate offered; this one says how far above it the
+  server goes (`capacity.vms_per_s`, and `capacity_ratio` against the baseline);
 * afterwards everything is checked: a provider sync through the API sees exactly the inventoried
   servers at the simulator (none new, none gone; with file state the file's request tags must
   equal the succeeded jobs' too), one inventory row per server, `count` succeeded jobs (also as
@@ -47,9 +52,10 @@ Prints exactly one JSON line on stdout (progress goes to stderr). What it does:
   API calls (the token check of `current_principal`, `service.request_server`, `executor.run`;
   no HTTP): wall and CPU time and statements per phase, unprofiled; then N more under cProfile.
 
-targets_met is true only when end-to-end VMs/s ≥ 50, POST p99 < 100 ms, every POST answered 202,
-every job succeeded and the verification passed. Every figure is measured in the run that prints
-it; the machine is shared, so its load average is printed too.
+targets_met is true only when end-to-end VMs/s ≥ 50 (in the open-loop run and in the capacity
+run), POST p99 < 100 ms (the open-loop run: the latency of a server offered more than the target),
+every POST answered 202, every job succeeded and the verification passed. Every figure is
+measured in the run that prints it; the machine is shared, so its load average is printed too.
 """
 
 from __future__ import annotations
@@ -329,7 +335,12 @@ class Client:
 
 
 def fire(
-    port: int, systems: list[dict[str, str]], count: int, clients: int, rate: float
+    port: int,
+    systems: list[dict[str, str]],
+    count: int,
+    clients: int,
+    rate: float,
+    prefix: str = "bench",
 ) -> dict[str, Any]:
     """Send `count` POST /api/v1/servers over `clients` keep-alive connections (one thread
     each); latencies and outcomes.
@@ -361,14 +372,14 @@ def fire(
                     break
                 target = systems[i % len(systems)]
                 body = {
-                    "name": f"bench-{i:05d}",
+                    "name": f"{prefix}-{i:05d}",
                     "system_id": target["id"],
                     "image": IMAGE,
                     "flavor": FLAVOR,
                 }
                 headers = {
                     "Authorization": f"Bearer {target['token']}",
-                    "Idempotency-Key": f"bench-{uuid.uuid4()}",
+                    "Idempotency-Key": f"{prefix}-{uuid.uuid4()}",
                 }
                 if rate > 0:
                     due = t0 + i / rate
@@ -464,6 +475,16 @@ def wait_for_jobs(db: Any, expected: int) -> dict[str, int]:
             log(f"no job finished for {STALL_S:.0f} s; giving up waiting: {counts}")
             return counts
         time.sleep(POLL_S)
+
+
+def last_finished(db: Any) -> datetime | None:
+    """When the latest job finished (the run's end, once every job is final)."""
+    from sqlalchemy import func, select
+
+    from broker.provisioning.models import Job
+
+    with db.unit_of_work(write=False) as s:
+        return s.execute(select(func.max(Job.finished_at))).scalar_one()  # type: ignore[no-any-return]
 
 
 def api_sync(port: int, provider_id: uuid.UUID, token: str) -> dict[str, int]:
@@ -594,7 +615,6 @@ def verify(
         "checks": checks,
         "job_errors": [[why, k] for why, k in failures.most_common(5)],
         "mismatches": mismatches[:5],
-        "last_finished_at": max((j.finished_at for j in succeeded), default=None),
     }
 
 
@@ -734,6 +754,13 @@ def main() -> int:
         " as soon as it has its answer)",
     )
     parser.add_argument(
+        "--capacity",
+        type=int,
+        default=None,
+        help="POSTs of a second, closed-loop run after the first (the saturated throughput);"
+        " default: --count when --rate is set, 0: none",
+    )
+    parser.add_argument(
         "--warmup",
         type=int,
         default=AGENCIES * SYSTEMS * 2,
@@ -748,6 +775,8 @@ def main() -> int:
     parser.add_argument("--profile", type=int, default=0, help="profile N requests in-process")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (server log)")
     args = parser.parse_args()
+    if args.capacity is None:
+        args.capacity = args.count if args.rate > 0 else 0
     # keys of this run only: the bench must not write key files into the working tree
     from cryptography.fernet import Fernet
 
@@ -797,8 +826,8 @@ def main() -> int:
         sim_file = work / "simulator.json"
         sim_state = f"file:{sim_file}" if args.sim_state == "file" else "shared:bench"
         seeded = seed(
-            db, args.count + args.warmup + 2 * args.profile + 20, sim_state
-        )  # room for the warm-up's and the profile's too
+            db, args.count + args.capacity + args.warmup + 2 * args.profile + 20, sim_state
+        )  # room for the capacity run's, the warm-up's and the profile's too
         log(f"estate, provider and catalog ready ({args.backend}, simulator {sim_state})")
 
         base_state = f"file:{work / 'baseline.json'}" if args.sim_state == "file" else "shared:base"
@@ -831,6 +860,34 @@ def main() -> int:
         states = wait_for_jobs(db, accepted)
         server_cpu = cpu_s_of(proc.pid) - cpu_before
         bench_cpu = time.process_time() - bench_cpu_before  # the clients (and the polling)
+        last = last_finished(db)
+        measured_ok = states.get("succeeded") == total and not fired["errors"]
+        capacity = None
+        if args.capacity:
+            log(f"capacity: {args.capacity} POSTs, closed loop over {args.clients} connections")
+            cpu_before = cpu_s_of(proc.pid)
+            cap = fire(port, seeded["systems"], args.capacity, args.clients, 0, prefix="cap")
+            accepted += cap["statuses"].get("202", 0)
+            total += args.capacity
+            cap_states = wait_for_jobs(db, accepted)
+            cap_cpu = cpu_s_of(proc.pid) - cpu_before
+            cap_last = last_finished(db)
+            cap_ok = cap_states.get("succeeded") == total and not cap["errors"]
+            cap_s = (cap_last - cap["first_post"]).total_seconds() if cap_last else float("nan")
+            capacity = {
+                "count": args.capacity,
+                "load": f"closed loop over {args.clients} connections",
+                "vms_per_s": round(args.capacity / cap_s, 1) if cap_ok else 0.0,
+                "end_to_end_s": round(cap_s, 3),
+                "post_latency_ms": {  # the queue the connections make, see fire
+                    "p50": round(percentile(cap["latencies"], 50) * 1000, 1),
+                    "p99": round(percentile(cap["latencies"], 99) * 1000, 1),
+                },
+                "server_cpu_ms_per_vm": round(cap_cpu / args.capacity * 1000, 1),
+                "statuses": cap["statuses"],
+            }
+            fired["errors"] += cap["errors"]
+            states = cap_states
         listed = api_succeeded(port, seeded["tokens"])
         server_rss = rss_mb_of(proc.pid)  # before the sync below, which reads every server
         synced = api_sync(port, seeded["provider_id"], seeded["admin_token"])
@@ -841,13 +898,12 @@ def main() -> int:
             state = json.loads(sim_file.read_text("utf-8"))
             sim_tags = {s["request_tag"] for s in state["servers"] if s.get("request_tag")}
         checked = verify(db, seeded["provider_id"], total, sim_tags, synced)
-        last = checked.pop("last_finished_at")
         checked["checks"]["api_listed_succeeded"] = listed
         checked["ok"] = checked["ok"] and listed == total
         log(f"verification: {checked}")
         elapsed = (last - fired["first_post"]).total_seconds() if last else float("nan")
         lat = fired["latencies"]
-        vms_per_s = args.count / elapsed if last and states.get("succeeded") == total else 0.0
+        vms_per_s = args.count / elapsed if last and measured_ok else 0.0
         base_per_s = args.count / base_s
         profile = None
         if args.profile:
@@ -871,6 +927,7 @@ def main() -> int:
     post_p99_ms = percentile(lat, 99) * 1000
     met = (
         vms_per_s >= TARGETS["min_vms_per_s"]
+        and (capacity is None or capacity["vms_per_s"] >= TARGETS["min_vms_per_s"])
         and post_p99_ms < TARGETS["max_post_p99_ms"]
         and errors == 0
         and checked["ok"]
@@ -897,9 +954,11 @@ def main() -> int:
         "server_cpu_s": round(server_cpu, 2),
         "server_cpu_ms_per_vm": round(server_cpu / args.count * 1000, 1),
         "client_cpu_s": round(bench_cpu, 2),
+        "capacity": capacity,
         "baseline_vms_per_s": round(base_per_s, 1),
         "baseline_s": round(base_s, 3),
         "ratio": round(vms_per_s / base_per_s, 4),
+        "capacity_ratio": round(capacity["vms_per_s"] / base_per_s, 4) if capacity else None,
         "statuses": fired["statuses"],
         "job_states": states,
         "errors": errors,

@@ -15,7 +15,7 @@ from broker import __version__, migrations
 from broker.core.authz import Principal, Role
 from broker.core.db import Database
 from broker.core.errors import GovbrokerError
-from broker.core.settings import get_settings
+from broker.core.settings import Settings, get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="govbroker control plane")
 audit_app = typer.Typer(no_args_is_help=True, help="Audit trail")
@@ -84,21 +84,22 @@ def serve(
         raise _fail("the database schema is not at the newest revision; run `govbroker migrate`")
     settings.session_secret()
     settings.fernet_keys()
-    _run_server(settings.host, settings.port, workers)
+    _run_server(settings, workers)
 
 
-def _run_server(host: str, port: int, workers: int) -> None:
+def _run_server(settings: Settings, workers: int) -> None:
     import uvicorn
 
     # by import string: the CLI sits below the API layer and must not import it
     uvicorn.run(
         "api.app:create_app",
         factory=True,
-        host=host,
-        port=port,
+        host=settings.host,
+        port=settings.port,
         workers=workers,
         proxy_headers=False,
-        log_level="info",
+        log_level=settings.log_level.lower(),
+        access_log=settings.access_log,
     )
 
 
@@ -444,7 +445,7 @@ def demo(
     if serve_after:
         settings.session_secret()
         settings.fernet_keys()
-        _run_server(settings.host, settings.port, 1)
+        _run_server(settings, 1)
 
 
 MonthOpt = Annotated[str, typer.Option("--month", help="billing month, e.g. 2026-10")]

@@ -74,6 +74,16 @@ class Settings(BaseSettings):
 
     log_json: bool = False
     log_level: str = "INFO"
+    # uvicorn's line per request; off where a proxy in front already logs them
+    access_log: bool = True
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
 
     @field_validator("bind")
     @classmethod

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from api.app import create_app
+from broker import migrations
+from broker.core.db import get_database
+from broker.core.settings import get_settings
 
 
 def test_healthz_answers_without_auth(anon):
@@ -40,6 +45,32 @@ def test_readyz_is_503_when_the_database_is_unreachable():
     resp = client.get("/readyz")
     assert resp.status_code == 503
     assert resp.json()["checks"]["database"].startswith("unreachable")
+
+
+def test_a_served_app_puts_what_start_up_made_out_of_the_collectors_way(monkeypatch, tmp_path):
+    url = f"sqlite:///{tmp_path}/served.db"
+    migrations.upgrade(url)
+    monkeypatch.setenv("GOVBROKER_DATABASE_URL", url)
+    monkeypatch.setenv("GOVBROKER_VAR_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("GOVBROKER_EMBEDDED_SCHEDULER", "false")
+    get_settings.cache_clear()
+    get_database.cache_clear()
+    gc.unfreeze()
+    try:
+        app = create_app()  # as `serve` makes it
+        assert gc.get_freeze_count() == 0
+        with TestClient(app) as client:
+            assert gc.get_freeze_count() > 0
+            assert client.get("/readyz").status_code == 200
+        # an app given its database (as tests make them) leaves the collector alone
+        gc.unfreeze()
+        with TestClient(create_app(db=get_database())):
+            assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+        get_database().dispose()
+        get_database.cache_clear()
+        get_settings.cache_clear()
 
 
 def test_metrics_count_requests_by_route_template_not_raw_path(clients, estate):

@@ -91,6 +91,24 @@ def test_serve_refuses_an_unmigrated_database(tmp_path, use_database):
     assert "govbroker migrate" in result.output
 
 
+def test_serve_hands_uvicorn_the_bind_and_the_log_settings(tmp_path, use_database, monkeypatch):
+    import uvicorn
+
+    url = f"sqlite:///{tmp_path}/served.db"
+    use_database(url)
+    migrations.upgrade(url)
+    monkeypatch.setenv("GOVBROKER_LOG_LEVEL", "warning")
+    monkeypatch.setenv("GOVBROKER_ACCESS_LOG", "false")
+    get_settings.cache_clear()
+    given: dict[str, object] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda target, **kw: given.update(kw, target=target))
+    result = runner.invoke(app, ["serve", "--bind", "127.0.0.1:8765"])
+    assert result.exit_code == 0, result.output
+    assert given["target"] == "api.app:create_app"
+    assert (given["host"], given["port"], given["workers"]) == ("127.0.0.1", 8765, 1)
+    assert (given["log_level"], given["access_log"]) == ("warning", False)
+
+
 def test_bad_arguments_exit_non_zero():
     assert runner.invoke(app, ["serve", "--workers", "0"]).exit_code == 2
     assert runner.invoke(app, ["no-such-command"]).exit_code == 2

@@ -44,6 +44,12 @@ def test_settings_refuse_a_bind_without_a_valid_port(bind):
         Settings(bind=bind)
 
 
+def test_log_levels_are_checked_and_read_in_any_case():
+    assert Settings(log_level=" warning ").log_level == "WARNING"
+    with pytest.raises(ValidationError, match="log_level"):
+        Settings(log_level="verbose")
+
+
 def test_missing_keys_are_generated_once_into_var_with_private_mode(tmp_path):
     s = Settings(var_dir=tmp_path, secret_key=None, fernet_key=None)
     first = s.fernet_keys()
