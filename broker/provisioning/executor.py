@@ -295,6 +295,14 @@ _LOCK_JOBS = (
 )
 
 
+# the servers of a batch's change jobs, in one order (see finish_batch)
+_LOCK_SERVERS = (
+    sa_select(_SERVER.c.id)
+    .where(_SERVER.c.id.in_(bindparam("sids", expanding=True)))
+    .order_by(_SERVER.c.id)
+    .with_for_update()
+)
+
 _SAVES: dict[tuple[str, ...], Any] = {}
 
 
@@ -586,9 +594,12 @@ def finish_batch(db: SessionSource, outcomes: Sequence[Outcome]) -> list[bool] |
     kept, and each job is to be finished on its own, where whatever went wrong is handled for
     that job alone.
 
-    The quota rows are locked last, all at once in the global order: new servers' reservations
-    are committed together at the end, so that requests (which lock their agency's rows) wait
-    for the batch as briefly as possible."""
+    Locks follow the order every other writer takes them in: jobs, then servers (as sync and
+    the one-by-one finish lock a server before its quota), then every quota row the batch may
+    book, all at once in the global order, so that no booking locks a row out of that order.
+    A batch of creates only books nothing before its reservations' commits: it takes the quota
+    rows last, so that requests (which lock their agency's rows) wait for it as briefly as
+    possible."""
     try:
         with db.unit_of_work() as session:
             found = {
@@ -598,18 +609,22 @@ def finish_batch(db: SessionSource, outcomes: Sequence[Outcome]) -> list[bool] |
                 )
             }
             locked = [_ours(found.get(c.job.id), c.claim) for c, _, _ in outcomes]
-            tenants = {mine[0].tenant_id for mine in locked if mine is not None}
+            jobs = [mine[0] for mine in locked if mine is not None]
+            tenants = {job.tenant_id for job in jobs}
             classes = ledger.resource_classes(session)
-            if len(tenants) > 1 and any(
-                mine[0].kind != JobKind.create for mine in locked if mine is not None
-            ):
+            changed = sorted(
+                {j.server_id for j in jobs if j.kind != JobKind.create and j.server_id},
+                key=str,
+            )
+            if changed:
+                session.connection().execute(_LOCK_SERVERS, {"sids": changed})
                 ledger.lock_tenants(session, tenants, classes)  # before their inline bookings
             deferred: list[tuple[uuid.UUID, str]] = []
             booked = [
                 _finish_in(session, c, observed, note, mine, deferred)
                 for (c, observed, note), mine in zip(outcomes, locked, strict=True)
             ]
-            if len(tenants) > 1:
+            if not changed:
                 ledger.lock_tenants(session, tenants, classes)
             for reservation_id, ref in deferred:
                 ledger.commit(session, reservation_id, owner_ref=ref)

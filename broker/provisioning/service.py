@@ -488,13 +488,25 @@ def _create(session: Session, principal: Principal, data: ServerCreate) -> tuple
     policy = offer.policy
     resolved, bound = _billable(session, agency, data, policy, _candidates(data, policy, offer))
     classes = ledger.resource_classes(session)
-    amounts = {
-        pid: quota_of(r, data.public_ip, data.bandwidth_mbps, classes)
-        for pid, r in resolved.items()
-    }
+    amounts: dict[uuid.UUID, dict[str, int]] = {}
+    unmetered: Invalid | None = None
+    for pid, r in resolved.items():
+        try:
+            amounts[pid] = quota_of(r, data.public_ip, data.bandwidth_mbps, classes)
+        except Invalid as exc:
+            # a provider whose tier no quota class counts cannot take it; the others still can
+            unmetered = unmetered or exc
+    if not amounts:
+        assert unmetered is not None
+        raise unmetered
+    resolved = {pid: r for pid, r in resolved.items() if pid in amounts}
     job_id = uuid.uuid4()
     held: uuid.UUID | None = None
-    if len({tuple(sorted(a.items())) for a in amounts.values()}) == 1:
+    if len({tuple(sorted(a.items())) for a in amounts.values()}) > 1:
+        # what it holds depends on where it goes, so it is reserved after placement; its quota
+        # rows are locked now all the same: every request takes quota before hosts (one order)
+        ledger.lock_tenants(session, [system.id], classes)
+    else:
         # the quota does not depend on where the server goes: it is held before the room on a
         # host is, so that the hosts' row locks (which every request takes) are held briefly
         first = next(iter(resolved.values()))

@@ -1,6 +1,6 @@
 """Races between a job and the rest: a sync whose listing is older than a job's result, the
 reconciler taking a job that waited for a worker, a shrink of what the server never booked,
-and a resize past the approval threshold."""
+a resize past the approval threshold, and a provider the ledger cannot count."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from broker.provisioning import catalog, executor, service
 from broker.provisioning.schemas import PolicyUpdate, ServerCreate
 from drivers.base import Disk
 from tests.fixtures.inventory import used
-from tests.fixtures.provisioning import ADMIN, Broker
+from tests.fixtures.provisioning import ADMIN, Broker, offer
 
 
 def _apply(broker: Broker, observed: sync.Observed) -> dict[str, int]:
@@ -129,3 +129,20 @@ def test_a_forged_job_cursor_is_invalid_input(broker: Broker, principal_of) -> N
         service.list_jobs(s, principal_of("a-member"), cursor=forged.decode().rstrip("="))
     with broker.db.unit_of_work(write=False) as s:
         assert list(s.execute(select(Server.id)).scalars()) == []
+
+
+def test_a_provider_whose_tier_no_quota_class_counts_is_passed_over_not_fatal(
+    broker: Broker, principal_of, sim_cloud
+) -> None:  # type: ignore[no-untyped-def]
+    # offered too, with its only tier (nvme) unknown to the ledger: it cannot take a server, and
+    # used to refuse every request that did not name a provider
+    odd = sim_cloud(options={"storage": {"nvme": 10000}})
+    offer(broker.db, odd.provider_id)
+    member = principal_of("a-member")
+    job = broker.request(member)
+    assert job.provider_id == broker.cloud.provider_id
+    assert broker.server(job.server_id).booked["storage_gb.ssd"] == 20
+    # asked for by name, it is refused with why, and nothing is held
+    with pytest.raises(Invalid, match=r"no resource class for storage_gb\.nvme"):
+        broker.request(member, provider=odd.name)
+    assert used(broker.db, broker.estate, "a1") == 1

@@ -174,6 +174,22 @@ def test_a_token_due_for_its_last_use_is_checked_in_full(clock, db, estate):
     assert auth.remembered(DATABASE, raw) is None
 
 
+def test_recording_a_tokens_use_forgets_nobody(clock, db, estate):
+    _, raw = _token(db, estate)
+    other, _ = _token(db, estate, username="b-member")
+    _check(db, raw)
+    with db.unit_of_work() as s:
+        auth.touch_token(s, other.id)
+    assert auth.remembered(DATABASE, raw) is not None
+    with db.unit_of_work(write=False) as s:
+        assert s.get(ApiToken, other.id).last_used_at == broker_clock.now()
+    # a real change to a token still forgets them all
+    with db.unit_of_work() as s:
+        owner = auth.load_principal(s, s.get(User, estate.uid("b-member")), method="session")
+        auth.revoke_token(s, owner, other.id)
+    assert auth.remembered(DATABASE, raw) is None
+
+
 def test_session_tokens_are_never_remembered(clock, db, estate):
     with db.unit_of_work(write=False) as s:
         user = s.get(User, estate.uid("a-member"))

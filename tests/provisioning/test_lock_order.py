@@ -1,0 +1,223 @@
+"""Every writer takes its row locks in one order — jobs, servers, quota rows (in the ledger's
+global order), hosts — so that on PostgreSQL two of them never wait for each other in a circle.
+Each test pauses one writer while it holds some of its locks, lets the other run into them, then
+lets the first go on: both must finish (a deadlock aborts one of them). On SQLite, whose writers
+take turns on the whole database, the same scenes must simply end well.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from broker.core import clock
+from broker.core.authz import Principal
+from broker.inventory import providers
+from broker.inventory import sync as inventory_sync
+from broker.inventory.models import Server
+from broker.provisioning import executor, service
+from broker.provisioning.schemas import ServerCreate
+from broker.tenancy import auth
+from broker.tenancy.models import User
+from drivers.simulator import SimulatorDriver
+from quotas import ledger
+from tests.fixtures.auth import Estate, build_estate
+from tests.fixtures.db import TestDatabase
+from tests.fixtures.inventory import register_simulator
+from tests.fixtures.provisioning import give_room, offer
+from tests.fixtures.quota import set_limits
+
+# long enough for the other writer to reach the paused one's locks and queue on them
+QUEUE_S = 0.5
+
+
+@dataclass
+class Scene:
+    db: TestDatabase
+    estate: Estate
+    clouds: list[str]
+
+    def principal(self, username: str) -> Principal:
+        with self.db.unit_of_work(write=False) as s:
+            return auth.load_principal(s, s.get(User, self.estate.uid(username)), method="session")
+
+    def cloud(self, **options: Any) -> str:
+        name = f"lock-{uuid.uuid4().hex[:8]}"
+        pid = register_simulator(
+            self.db, name, {"state": f"shared:{name}", "retry_max_wait": 0, **options}
+        )
+        offer(self.db, pid)
+        self.clouds.append(name)
+        return name
+
+    def request(self, who: str, system: str, **extra: Any) -> service.Submitted:
+        data = ServerCreate(
+            name=f"vm-{uuid.uuid4().hex[:6]}",
+            system_id=self.estate.tid(system),
+            image="centos-7.9",
+            flavor="s1.small",
+            **extra,
+        )
+        return service.request_server(self.db, self.principal(who), data, key=None)
+
+    def built(self, claimed: executor.Claimed | None) -> executor.Outcome:
+        """The job's provider call done, its outcome not yet booked (what a batch is given)."""
+        assert claimed is not None
+        driver = providers.driver_for(claimed.provider)
+        try:
+            return claimed, executor._call(driver, claimed.job, False), None
+        finally:
+            driver.close()
+
+
+@pytest.fixture
+def scene(committed_db: TestDatabase) -> Iterator[Scene]:
+    with committed_db.unit_of_work() as s:
+        estate = build_estate(s)
+        set_limits(s, estate)
+    give_room(committed_db, estate, "a", "b")
+    made = Scene(committed_db, estate, [])
+    yield made
+    for name in made.clouds:
+        SimulatorDriver.ex_reset_shared(name)
+
+
+def pause_after(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, *, when: Callable[[], bool]
+) -> tuple[threading.Event, threading.Event]:
+    """Make owner.name stop, once, after its first call for which `when()` holds, until
+    released: (paused, release)."""
+    paused, release = threading.Event(), threading.Event()
+    real = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        if when() and not paused.is_set():
+            paused.set()
+            assert release.wait(30)
+        return out
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return paused, release
+
+
+def in_thread(fn: Callable[[], Any], results: dict[str, Any], tag: str) -> threading.Thread:
+    def body() -> None:
+        try:
+            results[tag] = fn()
+        except Exception as exc:  # what ended it is the finding
+            results[tag] = exc
+
+    t = threading.Thread(target=body, name=tag)
+    t.start()
+    return t
+
+
+def batch_failure(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What made finish_batch give up (it logs and falls back to one by one)."""
+    seen: list[str] = []
+
+    class Log:
+        def info(self, _event: str, **kw: Any) -> None:
+            seen.append(_event)
+
+        warning = exception = info
+
+    monkeypatch.setattr(executor, "log", Log())
+    return seen
+
+
+def test_a_batch_of_one_agencys_creates_and_a_request_with_bandwidth(
+    scene: Scene, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's two reservations differ in classes (the second has bandwidth, first in the
+    global order): committed one after the other, their locks came out of order, and a request
+    locking bandwidth first then instances closed a circle with the batch."""
+    scene.cloud()
+    plain = scene.built(scene.request("a-member", "a1").claimed)
+    with_ip = scene.built(
+        scene.request("a-member", "a1", public_ip=True, bandwidth_mbps=10).claimed
+    )
+    failures = batch_failure(monkeypatch)
+    paused, release = pause_after(monkeypatch, ledger, "commit", when=lambda: True)
+    results: dict[str, Any] = {}
+    batch = in_thread(lambda: executor.finish_batch(scene.db, [plain, with_ip]), results, "batch")
+    assert paused.wait(30)
+    request = in_thread(
+        lambda: scene.request("a-member", "a1", public_ip=True, bandwidth_mbps=5),
+        results,
+        "request",
+    )
+    time.sleep(QUEUE_S)
+    release.set()
+    batch.join(60)
+    request.join(60)
+    assert results["batch"] == [True, True], (results, failures)
+    assert isinstance(results["request"], service.Submitted), results["request"]
+
+
+def test_a_batch_finishing_a_delete_and_sync_releasing_that_server(
+    scene: Scene, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sync releases a vanished server's quota by locking the server, then the quota. A batch
+    finishing that server's delete (with another agency's create) locked the quota first."""
+    scene.cloud()
+    first = scene.request("a-member", "a1").claimed
+    assert first is not None
+    assert executor.run(scene.db, first) == "succeeded"
+    server_id = first.job.server_id
+    with scene.db.unit_of_work() as s:
+        deleting = executor.handover(s, service.delete(s, scene.principal("a-member"), server_id))
+    deleted = scene.built(deleting)
+    assert deleted[1] is None  # gone at the provider
+    other = scene.built(scene.request("b-member", "b1").claimed)
+    with scene.db.unit_of_work() as s:  # as sync's listing found it: gone, its quota still held
+        row = s.get(Server, server_id)
+        assert row is not None
+        row.gone_at = clock.now()
+    failures = batch_failure(monkeypatch)
+    paused, release = pause_after(monkeypatch, ledger, "lock_tenants", when=lambda: True)
+    results: dict[str, Any] = {}
+    batch = in_thread(lambda: executor.finish_batch(scene.db, [deleted, other]), results, "batch")
+    assert paused.wait(30)
+    release_gone = in_thread(
+        lambda: inventory_sync._release_one(scene.db, server_id), results, "sync"
+    )
+    time.sleep(QUEUE_S)
+    release.set()
+    batch.join(60)
+    release_gone.join(60)
+    assert results["batch"] == [True, True], (results, failures)
+    assert not isinstance(results["sync"], Exception), results["sync"]
+    with scene.db.unit_of_work(write=False) as s:
+        row = s.get(Server, server_id)
+        assert row is not None and not row.booked  # given back once, by whichever came first
+
+
+def test_a_request_held_before_placing_and_one_placed_before_holding(
+    scene: Scene, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request naming a provider holds its quota, then locks that provider's hosts; one
+    naming none, with providers putting the root disk on different tiers, is reserved only once
+    placed. It used to lock the hosts first, then the quota: the reverse."""
+    ssd = scene.cloud()
+    scene.cloud(storage={"hdd": 51200, "ssd": 10240})
+    paused, release = pause_after(
+        monkeypatch, service, "_hold", when=lambda: threading.current_thread().name == "named"
+    )
+    results: dict[str, Any] = {}
+    named = in_thread(lambda: scene.request("a-member", "a1", provider=ssd), results, "named")
+    assert paused.wait(30)
+    anywhere = in_thread(lambda: scene.request("a-member", "a1"), results, "anywhere")
+    time.sleep(QUEUE_S)
+    release.set()
+    named.join(60)
+    anywhere.join(60)
+    assert isinstance(results["named"], service.Submitted), results["named"]
+    assert isinstance(results["anywhere"], service.Submitted), results["anywhere"]
