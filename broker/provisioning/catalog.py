@@ -8,17 +8,14 @@ for it.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, event, func
+from sqlalchemy import bindparam, func
 from sqlalchemy import select as sa_select
-from sqlalchemy.orm import Mapper, object_session
-from sqlalchemy.orm import Session as SASession
 from sqlmodel import Session, col, select
 
 from broker.audit import service as audit
@@ -26,6 +23,7 @@ from broker.core import clock
 from broker.core.authz import Principal
 from broker.core.db import SessionSource
 from broker.core.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
+from broker.core.memo import Memo
 from broker.core.settings import get_settings
 from broker.inventory import providers
 from broker.inventory.models import Provider, ServiceCompany
@@ -363,11 +361,9 @@ _STAMP = sa_select(
     .where(_POLICY.c.agency_id == bindparam("agency"))
     .scalar_subquery(),
 )
-_offers: dict[tuple[str, uuid.UUID], tuple[float, tuple[Any, ...], Offer]] = {}
-_offers_lock = threading.Lock()
-_generation = 0  # bumped by every invalidation: a fill that began before one is not kept
-_WRITTEN = "govbroker.catalog.written"
-_OFFERS_MOST = 10_000
+_offers: Memo[tuple[str, uuid.UUID], tuple[float, tuple[Any, ...], Offer]] = Memo(
+    "offers", (CatalogItem, Provider, AgencyPolicy)
+)
 
 
 def offer(session: Session, agency_id: uuid.UUID) -> Offer:
@@ -377,7 +373,7 @@ def offer(session: Session, agency_id: uuid.UUID) -> Offer:
     hit = _offers.get(key)
     if hit is not None and hit[1] == stamp and _monotonic() - hit[0] < OFFER_TTL_SECONDS:
         return hit[2]
-    generation, started = _generation, _monotonic()
+    since, started = _offers.generation, _monotonic()
     policy = session.get(AgencyPolicy, agency_id)
     items, provs = offered_catalog(
         session, agency_id, company_id=policy.service_company_id if policy else None
@@ -387,38 +383,14 @@ def offer(session: Session, agency_id: uuid.UUID) -> Offer:
         {pid: [CatalogItem(**i.model_dump()) for i in its] for pid, its in items.items()},
         {pid: Provider(**p.model_dump()) for pid, p in provs.items()},
     )
-    with _offers_lock:
-        if generation == _generation and not session.info.get(_WRITTEN):
-            if len(_offers) >= _OFFERS_MOST:
-                _offers.clear()  # a bound on memory, not on staleness: start over
-            _offers[key] = (started, stamp, fresh)
+    _offers.keep(key, (started, stamp, fresh), since=since, session=session)
     return fresh
 
 
 def forget_offers() -> None:
     """Empty the offer cache (done after every commit that wrote the catalog, a provider or a
     policy in this process)."""
-    global _generation
-    with _offers_lock:
-        _generation += 1
-        _offers.clear()
-
-
-def _written(_mapper: Mapper[Any], _conn: Any, target: Any) -> None:
-    session = object_session(target)
-    if session is not None:
-        session.info[_WRITTEN] = True
-
-
-for _cls in (CatalogItem, Provider, AgencyPolicy):
-    for _event in ("after_insert", "after_update", "after_delete"):
-        event.listen(_cls, _event, _written)
-
-
-@event.listens_for(SASession, "after_commit")
-def _forget_after_commit(session: SASession) -> None:
-    if session.info.pop(_WRITTEN, False):
-        forget_offers()
+    _offers.forget()
 
 
 def offered_on(session: Session, agency_id: uuid.UUID, provider_id: uuid.UUID) -> list[CatalogItem]:

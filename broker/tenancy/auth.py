@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,9 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
-from sqlalchemy import event, update
-from sqlalchemy.orm import Mapper, object_session
-from sqlalchemy.orm import Session as SASession
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from broker.audit import service as audit
@@ -30,6 +27,7 @@ from broker.core import clock
 from broker.core.authz import Grant, Principal, Role
 from broker.core.errors import Invalid, Locked, NotFound, Unauthenticated
 from broker.core.ids import random_secret
+from broker.core.memo import Memo
 from broker.core.settings import Settings, get_settings
 from broker.tenancy.models import ApiToken, RoleBinding, Tenant, TenantStatus, User, UserStatus
 from broker.tenancy.passwords import check_policy, hash_password, verify_password
@@ -333,11 +331,9 @@ class _Remembered:
     checked: float  # _monotonic() of the full check
 
 
-_remembered: dict[tuple[str, str], _Remembered] = {}
-_remembered_lock = threading.Lock()
-_remembered_generation = 0  # bumped by every forget: a check begun before one is not kept
-_WROTE_IDENTITY = "govbroker.auth.wrote_identity"
-_REMEMBERED_MOST = 10_000
+_remembered: Memo[tuple[str, str], _Remembered] = Memo(
+    "principals", (ApiToken, User, RoleBinding, Tenant)
+)
 
 
 def remembered(database: str, credential: str) -> Principal | None:
@@ -360,42 +356,18 @@ def authenticate_remembering(session: Session, database: str, credential: str) -
     """`authenticate`, remembering an API token's principal for `remembered`."""
     if not credential.startswith(TOKEN_PREFIX):
         return authenticate(session, credential)
-    generation = _remembered_generation
+    since = _remembered.generation
     checked = _monotonic()
     authenticated, token = _check_api_token(session, credential)
     last_used = clock.now() if authenticated.touch_token is not None else token.last_used_at
     entry = _Remembered(authenticated.principal, token.expires_at, last_used, checked)
-    with _remembered_lock:
-        if generation == _remembered_generation:
-            if len(_remembered) >= _REMEMBERED_MOST:
-                _remembered.clear()  # a bound on memory, not on staleness: start over
-            _remembered[(database, token.token_hash)] = entry
+    _remembered.keep((database, token.token_hash), entry, since=since)
     return authenticated
 
 
 def forget_remembered() -> None:
     """Forget every remembered principal (done after any commit that changed identities)."""
-    global _remembered_generation
-    with _remembered_lock:
-        _remembered_generation += 1
-        _remembered.clear()
-
-
-def _wrote_identity(_mapper: Mapper[Any], _conn: Any, target: Any) -> None:
-    session = object_session(target)
-    if session is not None:
-        session.info[_WROTE_IDENTITY] = True
-
-
-for _cls in (ApiToken, User, RoleBinding, Tenant):
-    for _event in ("after_insert", "after_update", "after_delete"):
-        event.listen(_cls, _event, _wrote_identity)
-
-
-@event.listens_for(SASession, "after_commit")
-def _forget_after_commit(session: SASession) -> None:
-    if session.info.pop(_WROTE_IDENTITY, False):
-        forget_remembered()
+    _remembered.forget()
 
 
 def touch_token(session: Session, token_id: uuid.UUID) -> None:
