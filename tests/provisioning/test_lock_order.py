@@ -119,6 +119,25 @@ def in_thread(fn: Callable[[], Any], results: dict[str, Any], tag: str) -> threa
     return t
 
 
+def race(
+    paused: threading.Event,
+    release: threading.Event,
+    first: Callable[[], Any],
+    second: Callable[[], Any],
+) -> tuple[Any, Any]:
+    """Run `first` (in a thread named "first") until it pauses holding some locks, start
+    `second` into them, then let `first` go on: what each returned, or raised."""
+    results: dict[str, Any] = {}
+    one = in_thread(first, results, "first")
+    assert paused.wait(30)
+    two = in_thread(second, results, "second")
+    time.sleep(QUEUE_S)
+    release.set()
+    one.join(60)
+    two.join(60)
+    return results["first"], results["second"]
+
+
 def batch_failure(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """What made finish_batch give up (it logs and falls back to one by one)."""
     seen: list[str] = []
@@ -146,20 +165,14 @@ def test_a_batch_of_one_agencys_creates_and_a_request_with_bandwidth(
     )
     failures = batch_failure(monkeypatch)
     paused, release = pause_after(monkeypatch, ledger, "commit", when=lambda: True)
-    results: dict[str, Any] = {}
-    batch = in_thread(lambda: executor.finish_batch(scene.db, [plain, with_ip]), results, "batch")
-    assert paused.wait(30)
-    request = in_thread(
+    batch, request = race(
+        paused,
+        release,
+        lambda: executor.finish_batch(scene.db, [plain, with_ip]),
         lambda: scene.request("a-member", "a1", public_ip=True, bandwidth_mbps=5),
-        results,
-        "request",
     )
-    time.sleep(QUEUE_S)
-    release.set()
-    batch.join(60)
-    request.join(60)
-    assert results["batch"] == [True, True], (results, failures)
-    assert isinstance(results["request"], service.Submitted), results["request"]
+    assert batch == [True, True], (batch, failures)
+    assert isinstance(request, service.Submitted), request
 
 
 def test_a_batch_finishing_a_delete_and_sync_releasing_that_server(
@@ -183,18 +196,14 @@ def test_a_batch_finishing_a_delete_and_sync_releasing_that_server(
         row.gone_at = clock.now()
     failures = batch_failure(monkeypatch)
     paused, release = pause_after(monkeypatch, ledger, "lock_tenants", when=lambda: True)
-    results: dict[str, Any] = {}
-    batch = in_thread(lambda: executor.finish_batch(scene.db, [deleted, other]), results, "batch")
-    assert paused.wait(30)
-    release_gone = in_thread(
-        lambda: inventory_sync._release_one(scene.db, server_id), results, "sync"
+    batch, released = race(
+        paused,
+        release,
+        lambda: executor.finish_batch(scene.db, [deleted, other]),
+        lambda: inventory_sync._release_one(scene.db, server_id),
     )
-    time.sleep(QUEUE_S)
-    release.set()
-    batch.join(60)
-    release_gone.join(60)
-    assert results["batch"] == [True, True], (results, failures)
-    assert not isinstance(results["sync"], Exception), results["sync"]
+    assert batch == [True, True], (batch, failures)
+    assert not isinstance(released, Exception), released
     with scene.db.unit_of_work(write=False) as s:
         row = s.get(Server, server_id)
         assert row is not None and not row.booked  # given back once, by whichever came first
@@ -209,15 +218,13 @@ def test_a_request_held_before_placing_and_one_placed_before_holding(
     ssd = scene.cloud()
     scene.cloud(storage={"hdd": 51200, "ssd": 10240})
     paused, release = pause_after(
-        monkeypatch, service, "_hold", when=lambda: threading.current_thread().name == "named"
+        monkeypatch, service, "_hold", when=lambda: threading.current_thread().name == "first"
     )
-    results: dict[str, Any] = {}
-    named = in_thread(lambda: scene.request("a-member", "a1", provider=ssd), results, "named")
-    assert paused.wait(30)
-    anywhere = in_thread(lambda: scene.request("a-member", "a1"), results, "anywhere")
-    time.sleep(QUEUE_S)
-    release.set()
-    named.join(60)
-    anywhere.join(60)
-    assert isinstance(results["named"], service.Submitted), results["named"]
-    assert isinstance(results["anywhere"], service.Submitted), results["anywhere"]
+    named, anywhere = race(
+        paused,
+        release,
+        lambda: scene.request("a-member", "a1", provider=ssd),
+        lambda: scene.request("a-member", "a1"),
+    )
+    assert isinstance(named, service.Submitted), named
+    assert isinstance(anywhere, service.Submitted), anywhere
