@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse
 
 from api.deps import DEFAULT_PAGE, Cursor, DatabaseDep, Limit, PrincipalDep, SessionDep
 from api.schemas import Page
+from broker.core.authz import Principal
+from broker.core.db import SessionSource
 from broker.provisioning import catalog, executor, service
 from broker.provisioning.executor import JobRunner
 from broker.provisioning.schemas import (
@@ -85,12 +87,19 @@ async def request_server(
     """Ask for a server. Send an `Idempotency-Key` to retry safely: the same key with the same
     body answers as the first time; with another body it is refused (422)."""
     async with _turn():
-        submitted = await run_in_threadpool(
-            service.request_server, db, principal, body, key=idempotency_key
-        )
+        submitted = await run_in_threadpool(_request, db, principal, body, idempotency_key, jobs)
+    return _accepted(submitted.response, replayed=submitted.replayed)
+
+
+def _request(
+    db: SessionSource, principal: Principal, body: ServerCreate, key: str | None, jobs: JobRunner
+) -> service.Submitted:
+    submitted = service.request_server(db, principal, body, key=key)
+    # handed to a worker in this thread, which goes on when the request is cancelled (the
+    # client gone, a shutdown): a committed job is never left for the reconciler to find
     if submitted.claimed is not None:
         jobs.submit(submitted.claimed)
-    return _accepted(submitted.response, replayed=submitted.replayed)
+    return submitted
 
 
 @router.post("/api/v1/servers/{server_id}/actions", status_code=202, response_model=JobPublic)

@@ -13,6 +13,9 @@ they were.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +27,8 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlmodel import select
 
+from api.routers import provisioning
+from broker.provisioning import service
 from quotas import service as quotas
 from quotas.models import Quota
 from tests.api.answers import PROBLEM, ok, problem, table_rows
@@ -448,3 +453,42 @@ def test_catalog_of_a_tenant_outside_any_agency_names_the_query_parameter(client
     """The center is in no agency: the problem names the parameter the caller sent."""
     resp = clients["admin"].get("/api/v1/catalog", params={"tenant_id": refs["center"]})
     problem(resp, 422, "tenant_id")
+
+
+class _Recorder:
+    """A job runner that only notes what it was handed."""
+
+    def __init__(self) -> None:
+        self.handed: list[Any] = []
+        self.done = threading.Event()
+
+    def submit(self, job: Any) -> None:
+        self.handed.append(job)
+        self.done.set()
+
+
+def test_a_request_cancelled_while_its_job_is_written_still_hands_the_job_over(monkeypatch):
+    # a request task cancelled (client gone, shutdown) after its thread committed the job used to
+    # drop it on the floor: claimed, never run, until the reconciler found it stale
+    writing, written = threading.Event(), threading.Event()
+    claimed = object()
+
+    def request_server(db, principal, body, key=None):  # type: ignore[no-untyped-def]
+        writing.set()
+        assert written.wait(10)
+        return service.Submitted(uuid.uuid4(), "queued", {}, False, claimed=claimed)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service, "request_server", request_server)
+    runner = _Recorder()
+
+    async def cancel_mid_write() -> None:
+        task = asyncio.create_task(provisioning.request_server(None, None, None, runner, None))  # type: ignore[arg-type]
+        assert await asyncio.to_thread(writing.wait, 10)
+        task.cancel()
+        written.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.to_thread(runner.done.wait, 10)
+
+    asyncio.run(cancel_mid_write())
+    assert runner.handed == [claimed]
