@@ -4,8 +4,9 @@ One sync of one provider runs in three steps, each its own unit of work, so that
 open during a remote call and none holds more than one agency's quota locks:
 
 1. read everything from the driver (bulk calls only; nothing is written yet);
-2. apply it in one transaction: upsert hosts, storage, networks and servers, mark what vanished
-   as gone, recompute drift — plain row writes, no quota locks;
+2. apply it in one transaction: upsert servers, then hosts, storage and networks, mark what
+   vanished as gone, recompute drift — plain row writes, no quota locks, the server rows locked
+   in id order first (the order every writer locks in: jobs, servers, quota rows, hosts);
 3. settle the quota ledger server by server: give back what gone servers held, and adopt servers
    whose provider-side owner names a tenant (when the provider allows it and the quota fits).
 
@@ -34,6 +35,8 @@ from typing import Any
 import structlog
 from sqlalchemy import bindparam, exists, insert, update
 from sqlalchemy import select as sa_select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from billing import contracts, events
@@ -445,6 +448,7 @@ def _apply_servers(
     updates: list[dict[str, Any]] = []
     metered: list[_Metered] = []
     drift_events: list[tuple[uuid.UUID, TenantRef, Any, Any]] = []
+    update_kind: dict[uuid.UUID, str] = {}
     seen: set[str] = set()
     total = len(servers)
     for n, s in enumerate(servers, 1):
@@ -458,7 +462,6 @@ def _apply_servers(
         )
         old = stored.get(s.external_id)
         if old is None:
-            counts["servers_new"] += 1
             server_id = uuid.uuid4()
             inserts.append(
                 {
@@ -501,9 +504,9 @@ def _apply_servers(
         changed = any(values[f] != getattr(old, f) for f in _SERVER_FIELDS)
         if changed or drift != old.drift or old.gone_at is not None:
             if old.gone_at is not None:
-                counts["servers_back"] += 1
+                update_kind[old.id] = "servers_back"
             elif changed:
-                counts["servers_updated"] += 1
+                update_kind[old.id] = "servers_updated"
             drift_at = None if drift is None else old.drift_at if drift == old.drift else now
             updates.append(
                 {
@@ -520,17 +523,6 @@ def _apply_servers(
         if progress and n % 1000 == 0:
             progress("apply", n, total)
 
-    conn = session.connection()
-    if inserts:
-        conn.execute(insert(_SERVERS), inserts)
-    if updates:
-        columns = (*_SERVER_FIELDS, "drift", "drift_at", "gone_at", "last_seen")
-        stmt = (
-            update(_SERVERS)
-            .where(_SERVERS.c.id == bindparam("_id"))
-            .values({c: bindparam(c) for c in columns})
-        )
-        conn.execute(stmt, updates)
     gone = [r for ext, r in stored.items() if ext not in seen and r.gone_at is None]
     live = sum(1 for r in stored.values() if r.gone_at is None)
     believable = len(gone) <= MASS_GONE_MIN or len(gone) <= live * MASS_GONE_SHARE
@@ -539,11 +531,6 @@ def _apply_servers(
             f"{len(gone)} of {live} servers vanished from one listing; refusing to mark them "
             "gone (a provider fault is likelier; set the provider option allow_mass_gone to "
             "accept it)"
-        )
-    if gone:
-        conn.execute(
-            update(_SERVERS).where(_SERVERS.c.id == bindparam("_id")).values(gone_at=now),
-            [{"_id": r.id} for r in gone],
         )
     for r in gone:
         if r.booked:
@@ -561,18 +548,59 @@ def _apply_servers(
                 request_tag=r.request_tag if r.tenant_id is None else None,
             )
         )
-    counts["lifecycle_events"] += _write_events(session, provider, metered, now)
-    # everything still there was seen now: one statement, not one per server, and at most
-    # hourly per row, so that a sync of an unchanged provider rewrites nothing
-    conn.execute(
-        update(_SERVERS)
-        .where(
-            _SERVERS.c.provider_id == provider.id,
-            _SERVERS.c.gone_at.is_(None),
-            _SERVERS.c.last_seen < now - LAST_SEEN_PRECISION,
-        )
-        .values(last_seen=now)
+    # everything else still there was seen now, at most hourly per row, so that a sync of an
+    # unchanged provider rewrites nothing
+    updated = {u["_id"] for u in updates}
+    refresh = [
+        r.id
+        for ext, r in stored.items()
+        if ext in seen
+        and r.gone_at is None
+        and r.id not in updated
+        and r.last_seen < now - LAST_SEEN_PRECISION
+    ]
+    conn = session.connection()
+    existing = {r.id for r in stored.values()}
+    touched = (
+        updated
+        | {r.id for r in gone}
+        | set(refresh)
+        | {m.server_id for m in metered if m.server_id in existing}
     )
+    # every stored row this writes (or writes an event of), locked at once in id order as job
+    # finishes lock theirs, so that the two never wait on each other in a circle; a row a job
+    # wrote since the listing began is left to the job, as above
+    moved = _lock_servers(conn, touched, listed_at)
+    if moved:
+        updates = [u for u in updates if u["_id"] not in moved]
+        gone = [r for r in gone if r.id not in moved]
+        refresh = [i for i in refresh if i not in moved]
+        metered = [m for m in metered if m.server_id not in moved]
+        drift_events = [d for d in drift_events if d[0] not in moved]
+    # a job may have written a row for a server this listing shows as new: that row stands
+    inserted = _insert_servers(conn, inserts)
+    metered = [m for m in metered if m.server_id in existing or m.server_id in inserted]
+    counts["servers_new"] += len(inserted)
+    if updates:
+        columns = (*_SERVER_FIELDS, "drift", "drift_at", "gone_at", "last_seen")
+        stmt = (
+            update(_SERVERS)
+            .where(_SERVERS.c.id == bindparam("_id"))
+            .values({c: bindparam(c) for c in columns})
+        )
+        conn.execute(stmt, updates)
+        counts.update(update_kind[u["_id"]] for u in updates if u["_id"] in update_kind)
+    if gone:
+        conn.execute(
+            update(_SERVERS).where(_SERVERS.c.id == bindparam("_id")).values(gone_at=now),
+            [{"_id": r.id} for r in gone],
+        )
+    if refresh:
+        conn.execute(
+            update(_SERVERS).where(_SERVERS.c.id == bindparam("_id")).values(last_seen=now),
+            [{"_id": i} for i in refresh],
+        )
+    counts["lifecycle_events"] += _write_events(session, provider, metered, now)
     counts["servers_gone"] += len(gone)
     counts["servers_seen"] += len(seen)
     for server_id, tenant, before, after in drift_events:
@@ -589,6 +617,35 @@ def _apply_servers(
         counts["drift_changed"] += 1
     if progress:
         progress("apply", total, total)
+
+
+def _lock_servers(conn: Any, ids: set[uuid.UUID], listed_at: datetime | None) -> set[uuid.UUID]:
+    """Lock these server rows in id order; the ones written since `listed_at` (or deleted)."""
+    if not ids:
+        return set()
+    locked = {
+        r.id: r.last_seen
+        for r in conn.execute(
+            sa_select(_SERVERS.c.id, _SERVERS.c.last_seen)
+            .where(_SERVERS.c.id.in_(sorted(ids, key=str)))
+            .order_by(_SERVERS.c.id)
+            .with_for_update()
+        )
+    }
+    return {i for i in ids if i not in locked or (listed_at is not None and locked[i] > listed_at)}
+
+
+def _insert_servers(conn: Any, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
+    """Insert new server rows, leaving any a job wrote meanwhile; the ids inserted."""
+    if not rows:
+        return set()
+    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    stmt = (
+        dialect_insert(_SERVERS)
+        .on_conflict_do_nothing(index_elements=["provider_id", "external_id"])
+        .returning(_SERVERS.c.id)
+    )
+    return set(conn.execute(stmt, rows).scalars())
 
 
 def _upsert_simple(
@@ -685,6 +742,9 @@ def apply(
         for p in observed.storage
     }
     networks = {n.external_id: {"name": n.name[:255], "cidr": n.cidr} for n in observed.networks}
+    # servers before hosts: writers lock jobs, servers, quota rows, then hosts (placement), in
+    # that order, and so does this
+    _apply_servers(session, provider, observed.servers, now, counts, progress, observed.at)
     for name, table, rows in (
         ("hosts", _HOSTS, hosts),
         ("storage", _STORAGE, storage),
@@ -694,7 +754,6 @@ def apply(
         counts[name] += len(rows)
         counts[f"{name}_new"] += new
         counts[f"{name}_gone"] += gone
-    _apply_servers(session, provider, observed.servers, now, counts, progress, observed.at)
     return dict(counts)
 
 
