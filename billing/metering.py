@@ -321,7 +321,17 @@ def rate(
     if not intervals:
         return 0
     prices = _Prices.load(session)
-    contracts = {c.id: c for c in session.execute(select(Contract)).scalars()}
+    # the batch's own contracts, and every contract of its agencies (renewals pay outside them)
+    bound = {iv.contract_id for iv in intervals if iv.contract_id is not None}
+    agencies = {iv.agency_id for iv in intervals if iv.agency_id is not None}
+    contracts = {
+        c.id: c
+        for c in session.execute(
+            select(Contract).where(
+                or_(col(Contract.id).in_(bound), col(Contract.agency_id).in_(agencies))
+            )
+        ).scalars()
+    }
     signed: dict[tuple[uuid.UUID, uuid.UUID], list[Contract]] = defaultdict(list)
     for c in sorted(contracts.values(), key=lambda c: (c.starts_on, c.number)):
         if c.status != ContractStatus.terminated:
