@@ -41,7 +41,6 @@ from broker.core.errors import GovbrokerError
 from broker.core.settings import get_settings
 from broker.inventory import providers, sync
 from broker.inventory.models import Provider, Server
-from broker.inventory.sync import size_of
 from broker.provisioning import executor, service
 from broker.provisioning.models import ACTIVE_STATES, Job
 from broker.provisioning.schemas import ServerAction, ServerCreate
@@ -49,11 +48,16 @@ from broker.tenancy import auth
 from broker.tenancy.models import User
 from drivers.simulator import SimulatorDriver
 from quotas import ledger
-from quotas.models import Allocation, Quota, Reservation
+from quotas.models import Quota, Reservation
 from tests.fixtures.auth import build_estate
 from tests.fixtures.db import TestDatabase
 from tests.fixtures.inventory import register_simulator
-from tests.fixtures.provisioning import give_room, offer
+from tests.fixtures.provisioning import (
+    assert_booked_as_seen,
+    committed_and_booked,
+    give_room,
+    offer,
+)
 from tests.fixtures.quota import set_limits
 
 pytestmark = pytest.mark.slow
@@ -304,20 +308,9 @@ class ProvisioningMachine(RuleBasedStateMachine):
             rows = list(
                 s.execute(select(Server).where(Server.provider_id == self.provider_id)).scalars()
             )
-            live = [r for r in rows if r.tenant_id is not None and r.gone_at is None]
             # the ledger holds exactly what the live managed servers hold
-            expected: Counter[tuple[uuid.UUID, str]] = Counter()
-            for r in live:
-                for rc, amount in r.booked.items():
-                    expected[(r.tenant_id, rc)] += amount
-            held: Counter[tuple[uuid.UUID, str]] = Counter()
-            for tid, rc, amount in s.execute(
-                select(Allocation.tenant_id, Allocation.resource_class, Allocation.amount).where(
-                    Allocation.state == ledger.COMMITTED
-                )
-            ).all():
-                held[(tid, rc)] += amount
-            assert +held == +expected, (held, expected)
+            held, expected = committed_and_booked(s)
+            assert held == expected, (held, expected)
             for q in s.execute(select(Quota)).scalars():
                 if q.tenant_id == self.estate.tid("a1"):
                     assert q.committed == expected[(q.tenant_id, q.resource_class)], q
@@ -332,18 +325,7 @@ class ProvisioningMachine(RuleBasedStateMachine):
             assert set(at_provider) <= set(by_external), set(at_provider) - set(by_external)
             classes = ledger.resource_classes(s)
             for ext, x in at_provider.items():
-                row = by_external[ext]
-                assert row.tenant_id is not None, f"{x.name} built by a job is unmanaged"
-                seen = size_of(
-                    x.vcpu,
-                    x.memory_mb,
-                    [{"size_gb": d.size_gb, "tier": d.tier} for d in x.disks],
-                    classes,
-                )
-                booked = {k: v for k, v in row.booked.items() if k not in sync.NOT_SIZE}
-                seen = {k: v for k, v in seen.items() if k not in sync.NOT_SIZE}
-                assert booked == seen, (x.name, booked, seen)
-                assert row.booked.get("public_ip", 0) == len(x.public_ips), (x.name, row.booked)
+                assert_booked_as_seen(by_external[ext], x, classes)
             # and nothing is inventoried as live that the provider no longer has
             assert set(by_external) <= set(at_provider) | {
                 r.external_id for r in rows if r.tenant_id is None

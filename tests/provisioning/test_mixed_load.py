@@ -49,7 +49,6 @@ from broker.core.errors import Conflict, Invalid, QuotaExceeded
 from broker.core.settings import get_settings
 from broker.inventory import sync
 from broker.inventory.models import Server
-from broker.inventory.sync import size_of
 from broker.jobs import registry
 from broker.provisioning import executor, service
 from broker.provisioning.models import ACTIVE_STATES, Job
@@ -59,10 +58,16 @@ from broker.tenancy.models import Tenant, User
 from drivers.simulator import SimulatorDriver
 from quotas import ledger
 from quotas import service as quotas
-from quotas.models import Allocation, Quota, Reservation
+from quotas.models import Quota, Reservation
 from tests.fixtures.auth import Estate, build_estate
 from tests.fixtures.inventory import register_simulator
-from tests.fixtures.provisioning import ADMIN, give_room, offer
+from tests.fixtures.provisioning import (
+    ADMIN,
+    assert_booked_as_seen,
+    committed_and_booked,
+    give_room,
+    offer,
+)
 from tests.fixtures.quota import set_limits
 
 pytestmark = pytest.mark.slow
@@ -526,19 +531,8 @@ def settle(w: World, traveller: time_machine.Traveller, found: Findings) -> None
 def assert_books_balance(w: World) -> None:
     with w.db.unit_of_work(write=False) as s:
         rows = list(s.execute(select(Server)).scalars())
-        live = [r for r in rows if r.tenant_id is not None and r.gone_at is None]
-        expected: Counter[tuple[uuid.UUID, str]] = Counter()
-        for r in live:
-            for rc, amount in r.booked.items():
-                expected[(r.tenant_id, rc)] += amount
-        held: Counter[tuple[uuid.UUID, str]] = Counter()
-        for tid, rc, amount in s.execute(
-            select(Allocation.tenant_id, Allocation.resource_class, Allocation.amount).where(
-                Allocation.state == ledger.COMMITTED
-            )
-        ).all():
-            held[(tid, rc)] += amount
-        assert +held == +expected, ("ledger vs servers", held, expected)
+        held, expected = committed_and_booked(s)
+        assert held == expected, ("ledger vs servers", held, expected)
 
         paths = {t.id: t.path for t in s.execute(select(Tenant)).scalars()}
         kinds = {t.id: t.kind for t in s.execute(select(Tenant)).scalars()}
@@ -565,18 +559,7 @@ def assert_books_balance(w: World) -> None:
                 at_providers.add((pid, x.external_id))
                 row = by_external.get((pid, x.external_id))
                 assert row is not None, f"{name}: {x.name} is at the provider, not inventoried"
-                assert row.tenant_id is not None, f"{name}: {x.name}, built by a job, unmanaged"
-                seen = size_of(
-                    x.vcpu,
-                    x.memory_mb,
-                    [{"size_gb": d.size_gb, "tier": d.tier} for d in x.disks],
-                    classes,
-                )
-                booked = {k: v for k, v in row.booked.items() if k not in sync.NOT_SIZE}
-                seen = {k: v for k, v in seen.items() if k not in sync.NOT_SIZE}
-                assert booked == seen, (x.name, booked, seen)
-                assert row.booked.get("instances") == 1, (x.name, row.booked)
-                assert row.booked.get("public_ip", 0) == len(x.public_ips), (x.name, row.booked)
+                assert_booked_as_seen(row, x, classes)
         managed = {key for key, r in by_external.items() if r.tenant_id is not None}
         assert managed <= at_providers, ("live rows the providers no longer have", managed)
         chain = verify_chain(s)
