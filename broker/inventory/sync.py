@@ -560,26 +560,27 @@ def _apply_servers(
         and r.last_seen < now - LAST_SEEN_PRECISION
     ]
     conn = session.connection()
-    existing = {r.id for r in stored.values()}
+    read = {r.id: r for r in stored.values()}
     touched = (
-        updated
-        | {r.id for r in gone}
-        | set(refresh)
-        | {m.server_id for m in metered if m.server_id in existing}
-    )
-    # every stored row this writes (or writes an event of), locked at once in id order as job
-    # finishes lock theirs, so that the two never wait on each other in a circle; a row a job
-    # wrote since the listing began is left to the job, as above
-    moved = _lock_servers(conn, touched, listed_at)
+        updated | {r.id for r in gone} | set(refresh) | {m.server_id for m in metered}
+    ) & read.keys()
+    # every stored row this writes (or writes an event of), locked in id order as job finishes
+    # lock theirs, so that the two never wait on each other in a circle; a row someone wrote
+    # since it was read above is theirs, as a row newer than the listing is
+    moved = _lock_servers(conn, {i: read[i] for i in touched})
     if moved:
         updates = [u for u in updates if u["_id"] not in moved]
         gone = [r for r in gone if r.id not in moved]
         refresh = [i for i in refresh if i not in moved]
         metered = [m for m in metered if m.server_id not in moved]
         drift_events = [d for d in drift_events if d[0] not in moved]
-    # a job may have written a row for a server this listing shows as new: that row stands
-    inserted = _insert_servers(conn, inserts)
-    metered = [m for m in metered if m.server_id in existing or m.server_id in inserted]
+    # a server a running job is building is the job's to write, row and events: inserting it
+    # here would race the job's insert of the same key (a deadlock, with the order they come in)
+    tags = {r["request_tag"] for r in inserts if r["request_tag"]}
+    building = _claimed(session, tags) if tags else set()
+    # a job may still have written a row for a server this listing shows as new: that row stands
+    inserted = _insert_servers(conn, [r for r in inserts if r["request_tag"] not in building])
+    metered = [m for m in metered if m.server_id in read or m.server_id in inserted]
     counts["servers_new"] += len(inserted)
     if updates:
         columns = (*_SERVER_FIELDS, "drift", "drift_at", "gone_at", "last_seen")
@@ -619,20 +620,28 @@ def _apply_servers(
         progress("apply", total, total)
 
 
-def _lock_servers(conn: Any, ids: set[uuid.UUID], listed_at: datetime | None) -> set[uuid.UUID]:
-    """Lock these server rows in id order; the ones written since `listed_at` (or deleted)."""
-    if not ids:
-        return set()
-    locked = {
-        r.id: r.last_seen
-        for r in conn.execute(
-            sa_select(_SERVERS.c.id, _SERVERS.c.last_seen)
-            .where(_SERVERS.c.id.in_(sorted(ids, key=str)))
+# what tells that someone else wrote a server row since sync read it
+_WRITTEN_BY_OTHERS = ("last_seen", "tenant_id", "booked", "gone_at")
+_LOCK_CHUNK = 5000  # ids per statement, well below any driver's bound-parameter limit
+
+
+def _lock_servers(conn: Any, read: Mapping[uuid.UUID, Any]) -> set[uuid.UUID]:
+    """Lock these server rows (id → the row as read before) in id order, a chunk at a time;
+    the ones another writer changed since they were read, or deleted."""
+    ids = sorted(read, key=str)
+    moved = set(ids)
+    for start in range(0, len(ids), _LOCK_CHUNK):
+        stmt = (
+            sa_select(_SERVERS.c.id, *[_SERVERS.c[f] for f in _WRITTEN_BY_OTHERS])
+            .where(_SERVERS.c.id.in_(ids[start : start + _LOCK_CHUNK]))
             .order_by(_SERVERS.c.id)
             .with_for_update()
         )
-    }
-    return {i for i in ids if i not in locked or (listed_at is not None and locked[i] > listed_at)}
+        for row in conn.execute(stmt):
+            before = read[row.id]
+            if all(getattr(row, f) == getattr(before, f) for f in _WRITTEN_BY_OTHERS):
+                moved.discard(row.id)
+    return moved
 
 
 def _insert_servers(conn: Any, rows: list[dict[str, Any]]) -> set[uuid.UUID]:

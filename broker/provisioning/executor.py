@@ -1103,7 +1103,14 @@ class ThreadRunner:
             log.exception("job crashed; the reconciler will pick it up", job=str(job_id))
 
     def submit(self, job: uuid.UUID | Claimed) -> None:
-        future = self._pool.submit(self._run, job)
+        try:
+            future = self._pool.submit(self._run, job)
+        except RuntimeError:
+            # shut down (the process is stopping): the job is written and claimed, and the
+            # reconciler of whichever process runs next resolves it once it looks stale
+            job_id = job.job.id if isinstance(job, Claimed) else job
+            log.warning("job left for the reconciler: the runner is shut down", job=str(job_id))
+            return
         with self._lock:
             self._pending.add(future)
         future.add_done_callback(self._done)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import event, select
 
+from broker.core import clock as broker_clock
 from broker.core.errors import Invalid, QuotaExceeded
 from broker.inventory import providers, service, sync
 from broker.inventory.models import Provider, Server, SyncRun
@@ -200,6 +202,34 @@ def test_a_sync_of_an_unchanged_provider_writes_only_its_run_record(
 
     tables = {w.split()[1 if w.upper().startswith("UPDATE") else 2].strip('"') for w in writes}
     assert tables <= {"sync_run", "provider", "audit_event", "audit_chain_head"}, writes
+
+
+def test_an_hour_later_every_row_is_refreshed_locked_a_chunk_at_a_time(
+    clock: Any, db: TestDatabase, sim_cloud: MakeCloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # rows are locked by lists of at most _LOCK_CHUNK ids (a driver bounds the parameters of one
+    # statement: 65,535 on PostgreSQL, and a big provider's hourly refresh touches every row);
+    # here 2, for 5 servers
+    monkeypatch.setattr(sync, "_LOCK_CHUNK", 2)
+    cloud = sim_cloud()
+    for _ in range(5):
+        cloud.spawn()
+    ok(db, cloud.provider_id)
+    clock.shift(sync.LAST_SEEN_PRECISION + timedelta(minutes=1))
+    lock_sizes: list[int] = []
+
+    def record(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "server.id IN" in statement:
+            lock_sizes.append(len(params))
+
+    event.listen(db.connection, "before_cursor_execute", record)
+    try:
+        ok(db, cloud.provider_id)
+    finally:
+        event.remove(db.connection, "before_cursor_execute", record)
+
+    assert sorted(lock_sizes) == [1, 2, 2]
+    assert {r.last_seen for r in rows(db, cloud.provider_id).values()} == {broker_clock.now()}
 
 
 def test_a_url_carrying_a_password_is_refused_as_endpoint(db: TestDatabase, estate: Estate) -> None:

@@ -113,3 +113,23 @@ def test_a_job_taken_over_meanwhile_is_skipped_and_the_rest_booked(
     assert booked == [False, True]
     assert broker.job(taken.job.id).state == "running"
     assert broker.job(outcomes[1][0].job.id).state == "succeeded"
+
+
+def test_a_job_handed_to_a_runner_already_shut_down_is_left_for_the_reconciler(
+    broker: Broker, principal_of
+) -> None:  # type: ignore[no-untyped-def]
+    # a request finishing while the process stops: the job is written and claimed; the hand-over
+    # must not turn the request into an error, and the reconciler resolves the job later
+    submitted = service.request_server(
+        broker.db,
+        principal_of("a-member"),
+        ServerCreate(
+            name="late", system_id=broker.estate.tid("a1"), image="centos-7.9", flavor="s1.small"
+        ),
+        key=None,
+    )
+    assert submitted.claimed is not None
+    runner = executor.ThreadRunner(broker.db, workers=1)
+    runner.shutdown()
+    runner.submit(submitted.claimed)
+    assert broker.job(submitted.job_id).state == "running"  # claimed, not run: stale later

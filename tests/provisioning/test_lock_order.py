@@ -12,17 +12,20 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlmodel import select
 
-from broker.core import clock
+from broker.audit.models import AuditEvent
+from broker.core import clock as broker_clock
 from broker.core.authz import Principal
 from broker.inventory import providers
 from broker.inventory import sync as inventory_sync
-from broker.inventory.models import Server
+from broker.inventory.models import Provider, Server
 from broker.provisioning import executor, service
-from broker.provisioning.schemas import ServerCreate
+from broker.provisioning.schemas import ServerAction, ServerCreate
 from broker.tenancy import auth
 from broker.tenancy.models import User
 from drivers.simulator import SimulatorDriver
@@ -55,6 +58,29 @@ class Scene:
         offer(self.db, pid)
         self.clouds.append(name)
         return name
+
+    def provider_id(self, name: str) -> uuid.UUID:
+        with self.db.unit_of_work(write=False) as s:
+            return s.execute(select(Provider.id).where(Provider.name == name)).scalar_one()
+
+    def listing(self, name: str) -> inventory_sync.Observed:
+        """What a sync of the provider reads from it now (its step 1)."""
+        with self.db.unit_of_work(write=False) as s:
+            provider = s.get(Provider, self.provider_id(name))
+            assert provider is not None
+            s.expunge(provider)
+        driver = providers.driver_for(provider)
+        try:
+            return inventory_sync.observe(driver)
+        finally:
+            driver.close()
+
+    def apply(self, name: str, observed: inventory_sync.Observed) -> dict[str, int]:
+        """Sync's step 2, for that listing."""
+        with self.db.unit_of_work() as s:
+            provider = s.get(Provider, self.provider_id(name))
+            assert provider is not None
+            return inventory_sync.apply(s, provider, observed)
 
     def request(self, who: str, system: str, **extra: Any) -> service.Submitted:
         data = ServerCreate(
@@ -193,7 +219,7 @@ def test_a_batch_finishing_a_delete_and_sync_releasing_that_server(
     with scene.db.unit_of_work() as s:  # as sync's listing found it: gone, its quota still held
         row = s.get(Server, server_id)
         assert row is not None
-        row.gone_at = clock.now()
+        row.gone_at = broker_clock.now()
     failures = batch_failure(monkeypatch)
     paused, release = pause_after(monkeypatch, ledger, "lock_tenants", when=lambda: True)
     batch, released = race(
@@ -228,3 +254,80 @@ def test_a_request_held_before_placing_and_one_placed_before_holding(
     )
     assert isinstance(named, service.Submitted), named
     assert isinstance(anywhere, service.Submitted), anywhere
+
+
+def test_a_batch_of_creates_and_a_sync_listing_their_servers_the_other_way_round(
+    scene: Scene, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch inserts its new servers' rows in batch order. A sync listing the same servers in
+    the other order inserted them too, in its order, and each waited for the other's row. Sync now
+    leaves a server that a running job is building to that job."""
+    name = scene.cloud()
+    listed_first = scene.built(scene.request("a-member", "a1").claimed)
+    listed_second = scene.built(scene.request("a-member", "a1").claimed)
+    observed = scene.listing(name)
+    order = [s.external_id for s in observed.servers]
+    assert listed_first[1] is not None and listed_second[1] is not None
+    assert order.index(listed_first[1].external_id) < order.index(listed_second[1].external_id)
+    failures = batch_failure(monkeypatch)
+    paused, release = pause_after(
+        monkeypatch,
+        executor,
+        "_finish_create",
+        when=lambda: threading.current_thread().name == "first",
+    )
+    batch, applied = race(
+        paused,
+        release,
+        lambda: executor.finish_batch(scene.db, [listed_second, listed_first]),
+        lambda: scene.apply(name, observed),
+    )
+    assert batch == [True, True], (batch, failures)
+    assert isinstance(applied, dict), applied
+    assert applied.get("servers_new", 0) == 0  # both were the jobs' to write
+    with scene.db.unit_of_work(write=False) as s:
+        for built in (listed_first, listed_second):
+            row = s.get(Server, built[0].job.server_id)
+            assert row is not None and row.booked["instances"] == 1
+
+
+def test_a_resize_committed_between_syncs_read_and_its_lock_is_not_drift(
+    clock: Any, scene: Scene, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sync reads the rows, then locks the ones it will write. A job that stamped its write before
+    the listing began but committed after sync read the row was taken for no change at all, and
+    sync wrote drift from the size the row had before the resize."""
+    name = scene.cloud()
+    first = scene.request("a-member", "a1").claimed
+    assert first is not None and executor.run(scene.db, first) == "succeeded"
+    server_id = first.job.server_id
+    clock.shift(timedelta(seconds=10))
+    with scene.db.unit_of_work() as s:
+        action = ServerAction(action="resize", vcpu=4, memory_mb=4096)
+        resizing = executor.handover(
+            s, service.act(s, scene.principal("a-member"), server_id, action)
+        )
+    resized = scene.built(resizing)
+    paused, release = pause_after(
+        monkeypatch, ledger, "commit", when=lambda: threading.current_thread().name == "first"
+    )
+    finishing = threading.Thread(
+        target=lambda: executor._finish(scene.db, resized[0], resized[1]), name="first"
+    )
+    finishing.start()
+    assert paused.wait(30)  # the job holds the server's row, stamped before the listing
+    clock.shift(timedelta(seconds=5))
+    observed = scene.listing(name)  # shows 4 vCPU
+    results: dict[str, Any] = {}
+    syncing = in_thread(lambda: scene.apply(name, observed), results, "sync")
+    time.sleep(QUEUE_S)  # sync read the row (1 vCPU booked) and waits for its lock
+    release.set()
+    finishing.join(60)
+    syncing.join(60)
+    assert isinstance(results["sync"], dict), results["sync"]
+    with scene.db.unit_of_work(write=False) as s:
+        row = s.get(Server, server_id)
+        assert row is not None
+        assert (row.vcpu, row.booked["vcpu"], row.drift) == (4, 4, None)
+        drift = s.execute(select(AuditEvent).where(AuditEvent.action == "server.drift")).first()
+        assert drift is None
