@@ -550,7 +550,7 @@ class Worker:
 
     def run(self, n_ops: int) -> None:
         ops = [self.reserve, self.commit, self.release, self.shrink, self.release_owner]
-        weights = [40, 22, 14, 10, 14]
+        weights = [37, 22, 14, 14, 13]
         for self.step in range(n_ops):
             if self.sweeper and self.step % 4 == 3:
                 self.sweep()
