@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     # billing months, contract periods and price-list dates are calendar days of this zone
     billing_timezone: str = "Asia/Shanghai"
 
+    # how long a process remembers an API token's principal (0: checked on every request): a
+    # revocation made through another replica takes effect within this
+    token_memory_seconds: float = Field(default=3.0, ge=0, le=60)
+    # how long a process remembers an agency's offered catalog; a change made through govbroker
+    # is seen at once whatever this is (see broker.provisioning.catalog)
+    offer_memory_seconds: float = Field(default=5.0, ge=0, le=300)
+
     log_json: bool = False
     log_level: str = "INFO"
     # uvicorn's line per request; off where a proxy in front already logs them

@@ -326,7 +326,7 @@ def offered_catalog(
 #
 # Every server request reads the agency's policy and offered catalog; both change rarely. They are
 # kept per (database, agency) and used while all of these hold:
-# - the entry is younger than OFFER_TTL_SECONDS;
+# - the entry is younger than GOVBROKER_OFFER_MEMORY_SECONDS (5 by default);
 # - a stamp read in the request's own transaction is unchanged: the count and latest updated_at
 #   of catalog items and providers and the agency policy's updated_at (every writer of those
 #   sets updated_at, so a change committed anywhere, by any replica, is seen at once);
@@ -334,8 +334,8 @@ def offered_catalog(
 #   a commit empties the cache (this also covers writes that leave updated_at alone).
 # What the stamp cannot see (a row edited outside govbroker without touching updated_at, or two
 # catalog writes committing out of their timestamps' order on two replicas) is seen within the
-# TTL. Cached objects are detached copies, shared read-only between threads: never change them.
-OFFER_TTL_SECONDS = 5.0
+# memory time. Cached objects are detached copies, shared read-only between threads: never change
+# them.
 _monotonic = time.monotonic  # the cache's own clock (tests move it; the broker clock is UTC)
 
 
@@ -371,7 +371,8 @@ def offer(session: Session, agency_id: uuid.UUID) -> Offer:
     key = (str(session.get_bind().engine.url), agency_id)
     stamp = tuple(session.connection().execute(_STAMP, {"agency": agency_id}).one())
     hit = _offers.get(key)
-    if hit is not None and hit[1] == stamp and _monotonic() - hit[0] < OFFER_TTL_SECONDS:
+    fresh_for = get_settings().offer_memory_seconds
+    if hit is not None and hit[1] == stamp and _monotonic() - hit[0] < fresh_for:
         return hit[2]
     since, started = _offers.generation, _monotonic()
     policy = session.get(AgencyPolicy, agency_id)

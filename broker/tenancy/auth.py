@@ -313,13 +313,13 @@ def _check_api_token(session: Session, raw: str) -> tuple[Authenticated, ApiToke
 
 # --- API tokens checked a moment ago -------------------------------------------------------------
 #
-# An API token's principal is remembered for AUTH_CACHE_SECONDS after a full check, so that a
-# client sending many requests is not looked up (token, user, role bindings) for every one.
+# An API token's principal is remembered for GOVBROKER_TOKEN_MEMORY_SECONDS (3 by default) after
+# a full check, so that a client sending many requests is not looked up (token, user, role
+# bindings) for every one.
 # Bound on what it may miss: a change committed by this process to any token, user, role binding
 # or tenant empties the memory at once (after its commit); one committed by another process
-# (another API replica, the CLI) or edited outside govbroker is seen within AUTH_CACHE_SECONDS.
+# (another API replica, the CLI) or edited outside govbroker is seen within that time.
 # The token's own expiry is checked on every use. Session and OIDC tokens are always checked.
-AUTH_CACHE_SECONDS = 3.0
 _monotonic = time.monotonic  # the memory's own clock (tests move it; the broker clock is UTC)
 
 
@@ -337,12 +337,12 @@ _remembered: Memo[tuple[str, str], _Remembered] = Memo(
 
 
 def remembered(database: str, credential: str) -> Principal | None:
-    """The principal of an API token fully checked less than AUTH_CACHE_SECONDS ago (in
+    """The principal of an API token fully checked less than token_memory_seconds ago (in
     `database`, a key naming the database), or None: then `authenticate_remembering`."""
     if not credential.startswith(TOKEN_PREFIX):
         return None
     entry = _remembered.get((database, hash_token(credential)))
-    if entry is None or _monotonic() - entry.checked >= AUTH_CACHE_SECONDS:
+    if entry is None or _monotonic() - entry.checked >= get_settings().token_memory_seconds:
         return None
     now = clock.now()
     if entry.token_expires_at <= now:

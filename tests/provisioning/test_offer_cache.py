@@ -1,7 +1,7 @@
 """What an agency is offered is cached between requests (catalog.offer), and every change is seen:
 at once when made through govbroker (in this process, or committed by another one: the stamp
-read in each request's transaction changes), within OFFER_TTL_SECONDS when made behind its back.
-The cache's clock is moved by hand: no test waits."""
+read in each request's transaction changes), within GOVBROKER_OFFER_MEMORY_SECONDS when made
+behind its back. The cache's clock is moved by hand: no test waits."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from sqlmodel import select
 from broker.core import clock as broker_clock
 from broker.core.authz import Principal
 from broker.core.errors import Invalid
+from broker.core.settings import get_settings
 from broker.inventory.models import Provider
 from broker.provisioning import catalog
 from broker.provisioning.models import CatalogItem, CatalogKind
@@ -68,6 +69,21 @@ def test_the_offer_is_kept_between_requests(broker: Broker, principal_of) -> Non
         first = catalog.offer(s, broker.estate.tid("a"))
     with broker.db.unit_of_work(write=False) as s:
         assert catalog.offer(s, broker.estate.tid("a")) is first
+
+
+def test_an_offer_memory_of_zero_reads_the_catalog_every_time(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GOVBROKER_OFFER_MEMORY_SECONDS", "0")
+    get_settings.cache_clear()
+    try:
+        with broker.db.unit_of_work(write=False) as s:
+            first = catalog.offer(s, broker.estate.tid("a"))
+        with broker.db.unit_of_work(write=False) as s:
+            assert catalog.offer(s, broker.estate.tid("a")) is not first
+    finally:
+        monkeypatch.delenv("GOVBROKER_OFFER_MEMORY_SECONDS")
+        get_settings.cache_clear()
 
 
 def test_an_item_switched_off_is_not_offered_to_the_next_request(
@@ -147,7 +163,7 @@ def test_a_change_no_stamp_shows_is_seen_within_the_ttl(broker: Broker, later) -
     items = CatalogItem.__table__  # type: ignore[attr-defined]
     broker.db.connection.execute(update(items).where(items.c.id == image.id).values(enabled=False))
     assert "centos-7.9" in _offered_images(broker)  # the documented bound
-    later(catalog.OFFER_TTL_SECONDS)
+    later(get_settings().offer_memory_seconds)
     assert "centos-7.9" not in _offered_images(broker)
 
 

@@ -1,7 +1,7 @@
 """Remembered API tokens: the principal of a token checked a moment ago is answered from memory
 (auth.remembered), and it is forgotten at once when this process commits a change to a token,
 user, role binding or tenant; a change made elsewhere (another replica, SQL by hand) is seen once
-AUTH_CACHE_SECONDS have passed. The memory's clock is moved by hand: no test waits."""
+GOVBROKER_TOKEN_MEMORY_SECONDS have passed. The memory's clock is moved by hand: no test waits."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sqlmodel import select
 from broker.core import clock as broker_clock
 from broker.core.authz import Principal
 from broker.core.errors import Unauthenticated
+from broker.core.settings import get_settings
 from broker.tenancy import auth, users
 from broker.tenancy.models import ApiToken, RoleBinding, User
 from broker.tenancy.schemas import RoleBindingCreate, UserUpdate
@@ -67,7 +68,7 @@ def test_memory_is_kept_per_database(clock, db, estate):
 def test_memory_lasts_at_most_the_cache_seconds(clock, db, estate, later):
     _, raw = _token(db, estate)
     _check(db, raw)
-    later(auth.AUTH_CACHE_SECONDS - 0.5)
+    later(get_settings().token_memory_seconds - 0.5)
     assert auth.remembered(DATABASE, raw) is not None
     later(0.5)
     assert auth.remembered(DATABASE, raw) is None
@@ -146,7 +147,7 @@ def test_a_revocation_made_elsewhere_is_seen_within_the_cache_seconds(clock, db,
         update(tokens).where(tokens.c.id == token.id).values(revoked_at=broker_clock.now())
     )
     assert auth.remembered(DATABASE, raw) is not None  # the documented bound
-    later(auth.AUTH_CACHE_SECONDS)
+    later(get_settings().token_memory_seconds)
     assert auth.remembered(DATABASE, raw) is None
     with pytest.raises(Unauthenticated, match="revoked"):
         _check(db, raw)
@@ -188,6 +189,18 @@ def test_recording_a_tokens_use_forgets_nobody(clock, db, estate):
         owner = auth.load_principal(s, s.get(User, estate.uid("b-member")), method="session")
         auth.revoke_token(s, owner, other.id)
     assert auth.remembered(DATABASE, raw) is None
+
+
+def test_a_token_memory_of_zero_checks_every_request(clock, db, estate, monkeypatch):
+    monkeypatch.setenv("GOVBROKER_TOKEN_MEMORY_SECONDS", "0")
+    get_settings.cache_clear()
+    try:
+        _, raw = _token(db, estate)
+        _check(db, raw)
+        assert auth.remembered(DATABASE, raw) is None
+    finally:
+        monkeypatch.delenv("GOVBROKER_TOKEN_MEMORY_SECONDS")
+        get_settings.cache_clear()
 
 
 def test_session_tokens_are_never_remembered(clock, db, estate):
