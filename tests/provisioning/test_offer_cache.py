@@ -21,6 +21,7 @@ from broker.inventory.models import Provider
 from broker.provisioning import catalog
 from broker.provisioning.models import CatalogItem, CatalogKind
 from broker.provisioning.schemas import CatalogItemUpdate, PolicyUpdate
+from tests.fixtures.clock import move_monotonic
 from tests.fixtures.provisioning import Broker
 
 ADMIN = Principal.system("test-offer-cache")
@@ -29,14 +30,7 @@ ADMIN = Principal.system("test-offer-cache")
 @pytest.fixture
 def later(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
     """`later(seconds)` moves the cache's clock forward."""
-    offset = [0.0]
-    real = catalog._monotonic
-    monkeypatch.setattr(catalog, "_monotonic", lambda: real() + offset[0])
-
-    def move(seconds: float) -> None:
-        offset[0] += seconds
-
-    return move
+    return move_monotonic(monkeypatch, catalog)
 
 
 def _item(broker: Broker, kind: str, code: str) -> CatalogItem:

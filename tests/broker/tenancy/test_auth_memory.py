@@ -19,6 +19,7 @@ from broker.core.settings import get_settings
 from broker.tenancy import auth, users
 from broker.tenancy.models import ApiToken, RoleBinding, User
 from broker.tenancy.schemas import RoleBindingCreate, UserUpdate
+from tests.fixtures.clock import move_monotonic
 
 SYSTEM = Principal.system("test-auth-memory")
 DATABASE = "the-test-database"
@@ -41,14 +42,7 @@ def _check(db, raw: str) -> Principal:  # type: ignore[no-untyped-def]
 @pytest.fixture
 def later(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
     """`later(seconds)` moves the memory's clock forward."""
-    offset = [0.0]
-    real = auth._monotonic
-    monkeypatch.setattr(auth, "_monotonic", lambda: real() + offset[0])
-
-    def move(seconds: float) -> None:
-        offset[0] += seconds
-
-    return move
+    return move_monotonic(monkeypatch, auth)
 
 
 def test_a_token_checked_a_moment_ago_is_answered_from_memory(clock, db, estate):
