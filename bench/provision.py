@@ -334,6 +334,18 @@ class Client:
             self.conn.close()
 
 
+def server_post(
+    system: dict[str, str], name: str, key_prefix: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Body and headers of one POST /api/v1/servers into `system` (its id and its token)."""
+    body = {"name": name, "system_id": system["id"], "image": IMAGE, "flavor": FLAVOR}
+    headers = {
+        "Authorization": f"Bearer {system['token']}",
+        "Idempotency-Key": f"{key_prefix}-{uuid.uuid4()}",
+    }
+    return body, headers
+
+
 def fire(
     port: int,
     systems: list[dict[str, str]],
@@ -370,17 +382,7 @@ def fire(
                     i = next(next_index, None)
                 if i is None:
                     break
-                target = systems[i % len(systems)]
-                body = {
-                    "name": f"{prefix}-{i:05d}",
-                    "system_id": target["id"],
-                    "image": IMAGE,
-                    "flavor": FLAVOR,
-                }
-                headers = {
-                    "Authorization": f"Bearer {target['token']}",
-                    "Idempotency-Key": f"{prefix}-{uuid.uuid4()}",
-                }
+                body, headers = server_post(systems[i % len(systems)], f"{prefix}-{i:05d}", prefix)
                 if rate > 0:
                     due = t0 + i / rate
                     wait = due - time.perf_counter()
@@ -432,17 +434,7 @@ def warm_up(port: int, systems: list[dict[str, str]], n: int) -> tuple[int, list
     accepted, errors = 0, []
     try:
         for i in range(n):
-            target = systems[i % len(systems)]
-            body = {
-                "name": f"warm-{i:04d}",
-                "system_id": target["id"],
-                "image": IMAGE,
-                "flavor": FLAVOR,
-            }
-            headers = {
-                "Authorization": f"Bearer {target['token']}",
-                "Idempotency-Key": f"warm-{uuid.uuid4()}",
-            }
+            body, headers = server_post(systems[i % len(systems)], f"warm-{i:04d}", "warm")
             status, payload = client.call("POST", "/api/v1/servers", body, headers)
             if status == 202:
                 accepted += 1
@@ -850,7 +842,7 @@ def main() -> int:
             f" over {args.clients} connections"
         )
         warmed, warm_errors = warm_up(port, seeded["systems"], args.warmup)
-        states = wait_for_jobs(db, warmed)  # the warm-up's jobs end before the measured run
+        wait_for_jobs(db, warmed)  # the warm-up's jobs end before the measured run
         cpu_before, bench_cpu_before = cpu_s_of(proc.pid), time.process_time()
         fired = fire(port, seeded["systems"], args.count, args.clients, args.rate)
         fired["errors"] = warm_errors + fired["errors"]

@@ -82,14 +82,15 @@ def serve(
         raise _fail(f"database unreachable: {exc.orig}") from exc
     if not at_head:
         raise _fail("the database schema is not at the newest revision; run `govbroker migrate`")
-    settings.session_secret()
-    settings.fernet_keys()
     _run_server(settings, workers)
 
 
 def _run_server(settings: Settings, workers: int) -> None:
     import uvicorn
 
+    # generated keys are written once, here, before uvicorn starts workers that all read them
+    settings.session_secret()
+    settings.fernet_keys()
     # by import string: the CLI sits below the API layer and must not import it
     uvicorn.run(
         "api.app:create_app",
@@ -443,8 +444,6 @@ def demo(
         f"API: http://{settings.bind}/api/v1   OpenAPI: http://{settings.bind}/api/openapi.json"
     )
     if serve_after:
-        settings.session_secret()
-        settings.fernet_keys()
         _run_server(settings, 1)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,14 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from billing import contracts, prices, rating
+from billing.models import Contract, LifecycleEvent
 from billing.schemas import ContractCreate, PriceCatalogCreate, PriceItemIn
 from broker.core import clock
 from broker.core.authz import Principal, Role
 from broker.core.db import SessionSource
 from broker.core.errors import GovbrokerError
 from broker.inventory import providers, sync
-from broker.inventory.models import Provider, ServiceCompany
+from broker.inventory.models import Provider, Server, ServiceCompany
 from broker.inventory.schemas import ProviderCreate, ServiceCompanyCreate
 from broker.provisioning import catalog, executor
 from broker.provisioning import service as provisioning
@@ -491,13 +493,8 @@ def date_history(db: SessionSource) -> int:
     statements have hours to show on the first visit. Servers adopted before their agency
     signed are bound to its contract, and every seeded lifecycle event is dated back, one
     server after another from the 1st at 08:00; returns the events moved."""
-    from datetime import timedelta
-
-    from billing.models import Contract, LifecycleEvent
-    from broker.inventory.models import Server
-
-    start = rating.local_midnight(clock.now().astimezone(rating.zone()).date().replace(day=1))
-    start += timedelta(hours=8)
+    now = clock.now()
+    start = rating.month_bounds(rating.month_of(now))[0] + timedelta(hours=8)
     moved = 0
     with db.unit_of_work() as session:
         contract_of = {c.agency_id: c.id for c in session.exec(select(Contract))}
@@ -513,7 +510,7 @@ def date_history(db: SessionSource) -> int:
                     session.add(server)
             offsets.setdefault(event.server_id, timedelta(hours=5 * len(offsets)))
             # a server's events keep their order, a minute apart
-            event.at = min(start + offsets[event.server_id], clock.now())
+            event.at = min(start + offsets[event.server_id], now)
             offsets[event.server_id] += timedelta(minutes=1)
             session.add(event)
             moved += 1

@@ -5,11 +5,10 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 
-from api.deps import DEFAULT_PAGE, NO_NUL, Cursor, Limit, PrincipalDep, SessionDep, database
+from api.deps import DEFAULT_PAGE, NO_NUL, Cursor, DatabaseDep, Limit, PrincipalDep, SessionDep
 from api.schemas import Page
-from broker.core.db import SessionSource
 from broker.inventory import providers, service, sync
 from broker.inventory.models import SyncRun
 from broker.inventory.schemas import (
@@ -29,7 +28,6 @@ from broker.inventory.schemas import (
 )
 
 router = APIRouter(tags=["inventory"])
-DatabaseDep = Annotated[SessionSource, Depends(database)]
 PowerState = Literal["running", "stopped", "suspended", "building", "error", "unknown"]
 
 

@@ -21,7 +21,7 @@ def _add_request_id(
 
 def configure_logging() -> None:
     settings = get_settings()
-    level = logging.getLevelName(settings.log_level.upper())
+    level = logging.getLevelName(settings.log_level)
     logging.basicConfig(level=level, format="%(message)s")
     # alembic narrates every MigrationContext (readiness probes create one per call)
     logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)

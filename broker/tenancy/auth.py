@@ -266,7 +266,7 @@ class Authenticated:
 
 def authenticate(session: Session, credential: str) -> Authenticated:
     if credential.startswith(TOKEN_PREFIX):
-        return _by_api_token(session, credential)
+        return _check_api_token(session, credential)[0]
     try:
         unverified = jwt.decode(credential, options={"verify_signature": False})
     except jwt.PyJWTError as exc:
@@ -285,10 +285,6 @@ def _active_user(session: Session, user_id: Any) -> User:
     if user is None or user.status != UserStatus.active:
         raise Unauthenticated("the account is disabled or gone")
     return user
-
-
-def _by_api_token(session: Session, raw: str) -> Authenticated:
-    return _check_api_token(session, raw)[0]
 
 
 def _check_api_token(session: Session, raw: str) -> tuple[Authenticated, ApiToken]:
@@ -363,11 +359,6 @@ def authenticate_remembering(session: Session, database: str, credential: str) -
     entry = _Remembered(authenticated.principal, token.expires_at, last_used, checked)
     _remembered.keep((database, token.token_hash), entry, since=since)
     return authenticated
-
-
-def forget_remembered() -> None:
-    """Forget every remembered principal (done after any commit that changed identities)."""
-    _remembered.forget()
 
 
 def touch_token(session: Session, token_id: uuid.UUID) -> None:
