@@ -8,7 +8,7 @@ import uuid
 from datetime import date, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import false, func, or_
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
@@ -123,11 +123,9 @@ def update_contract(
 def in_scope(stmt: SelectOfScalar[T], principal: Principal, agency_id: Any) -> SelectOfScalar[T]:
     """Billing objects whose agency lies where the principal may read billing: filtered in
     SQL, by the agencies' materialised paths (no right anywhere: nothing)."""
-    prefixes = principal.prefixes(READ)
-    stmt = stmt.join(Tenant, col(Tenant.id) == agency_id)
-    if not prefixes:
-        return stmt.where(false())
-    return stmt.where(or_(*[col(Tenant.path).startswith(p) for p in prefixes]))
+    return stmt.join(Tenant, col(Tenant.id) == agency_id).where(
+        principal.scope_filter(READ, col(Tenant.path))
+    )
 
 
 def _check_period_change(session: Session, contract: Contract, ends_on: date) -> None:

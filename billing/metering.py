@@ -80,13 +80,14 @@ def _wanted(event: LifecycleEvent) -> dict[str, int]:
 def apply_events(session: Session, *, limit: int | None = 5000) -> int:
     """Turn up to `limit` unmetered events into intervals; returns how many were applied."""
     billing_lock(session)
+    postgres = session.get_bind().dialect.name == "postgresql"
     stmt = (
         select(LifecycleEvent)
         .where(col(LifecycleEvent.metered_at).is_(None))
         .order_by(col(LifecycleEvent.at), _KIND_RANK, col(LifecycleEvent.id))
         .limit(limit)
     )
-    if session.get_bind().dialect.name == "postgresql":
+    if postgres:
         # a second metering run waits here, then finds these rows metered and skips them
         stmt = stmt.with_for_update()
     events = list(session.execute(stmt).scalars())
@@ -97,7 +98,7 @@ def apply_events(session: Session, *, limit: int | None = 5000) -> int:
     open_stmt = select(UsageInterval).where(
         col(UsageInterval.server_id).in_(servers), col(UsageInterval.ended_at).is_(None)
     )
-    if session.get_bind().dialect.name == "postgresql":
+    if postgres:
         # read rated_until fresh and hold it: a concurrent `rate` waits, then loses its
         # compare-and-set on ended_at instead of rating past the end written here. Locked in id
         # order, as `rate` updates them, so the two never wait for each other in a circle.
@@ -332,10 +333,14 @@ def rate(
             )
         ).scalars()
     }
-    signed: dict[tuple[uuid.UUID, uuid.UUID], list[Contract]] = defaultdict(list)
+    # periods turned into instants once per batch, not once per interval that may use them
+    window = {
+        c.id: rating.contract_window(c.id, c.starts_on, c.ends_on) for c in contracts.values()
+    }
+    signed: dict[tuple[uuid.UUID, uuid.UUID], list[rating.ContractWindow]] = defaultdict(list)
     for c in sorted(contracts.values(), key=lambda c: (c.starts_on, c.number)):
         if c.status != ContractStatus.terminated:
-            signed[(c.agency_id, c.service_company_id)].append(c)
+            signed[(c.agency_id, c.service_company_id)].append(window[c.id])
     moved = 0
     rows: list[dict[str, Any]] = []
     ends = {
@@ -351,17 +356,17 @@ def rate(
         company = contract.service_company_id if contract is not None else iv.service_company_id
         # the server's own contract pays where it runs; outside it, the agency's other contracts
         # with the same company (a renewal, or one signed after the server was built)
-        payers = [contract] if contract is not None else []
+        payers = [window[contract.id]] if contract is not None else []
         if iv.agency_id is not None and company is not None:
-            payers += [c for c in signed[(iv.agency_id, company)] if c is not contract]
-        windows = [rating.contract_window(c.id, c.starts_on, c.ends_on) for c in payers]
+            own = payers[0].contract_id if payers else None
+            payers += [w for w in signed[(iv.agency_id, company)] if w.contract_id != own]
         for piece in rating.cut(
             iv.rated_until,
             end,
             resource_class=iv.resource_class,
             is_powered=iv.powered,
             prices=prices.of(company, iv.resource_class),
-            contracts=windows,
+            contracts=payers,
         ):
             rows.append(
                 {

@@ -31,8 +31,10 @@ def require_center(session: Session, principal: Principal, action: str) -> None:
         raise Forbidden(f"your roles here do not allow {action}")
 
 
-def _company(session: Session, company_id: uuid.UUID) -> ServiceCompany:
-    company = session.get(ServiceCompany, company_id)
+def _company(session: Session, company_id: uuid.UUID, *, lock: bool = False) -> ServiceCompany:
+    company = session.get(
+        ServiceCompany, company_id, with_for_update=lock or None, populate_existing=lock
+    )
     if company is None:
         raise NotFound(f"service company {company_id} not found")
     return company
@@ -42,9 +44,8 @@ def create_catalog(
     session: Session, principal: Principal, company_id: uuid.UUID, data: PriceCatalogCreate
 ) -> PriceCatalog:
     require_center(session, principal, MANAGE)
-    company = _company(session, company_id)
-    # two first versions of one company's list must not both become version 1
-    session.refresh(company, with_for_update=True)
+    # locked: two first versions of one company's list must not both become version 1
+    company = _company(session, company_id, lock=True)
     known = set(session.execute(select(_RESOURCE_CLASS.c.code)).scalars())
     for i, item in enumerate(data.items):
         if item.resource_class not in known:

@@ -38,11 +38,15 @@ POWERED_OFF_STATES = frozenset({"stopped", "suspended"})
 UNBILLED_CLASSES = frozenset({"instances"})
 
 
+def _ratio_half_up(num: int, den: int) -> int:
+    """num / den (den > 0) to the nearest integer, halves away from zero."""
+    whole, rest = divmod(abs(num), den)
+    return (-1 if num < 0 else 1) * (whole + (1 if 2 * rest >= den else 0))
+
+
 def round_half_up(value: Fraction) -> int:
     """Round to the nearest integer, halves away from zero."""
-    sign = -1 if value < 0 else 1
-    whole, rest = divmod(abs(value), 1)
-    return sign * int(whole + (1 if rest >= Fraction(1, 2) else 0))
+    return _ratio_half_up(value.numerator, value.denominator)
 
 
 def exact_amount(unit_price: Decimal, quantity: int, seconds: int, resource_class: str) -> Fraction:
@@ -55,10 +59,7 @@ def line_amount(unit_price: Decimal, quantity: int, seconds: int, resource_class
     """round_half_up(exact_amount(...)) in plain integers: the same result without building
     Fractions (a statement has one line per server and class)."""
     num, den = unit_price.as_integer_ratio()
-    n = num * quantity * seconds
-    d = den * HOUR * PRICE_UNIT.get(resource_class, 1)
-    whole, rest = divmod(abs(n), d)
-    return (-1 if n < 0 else 1) * (whole + (1 if 2 * rest >= d else 0))
+    return _ratio_half_up(num * quantity * seconds, den * HOUR * PRICE_UNIT.get(resource_class, 1))
 
 
 def percent_of(amount: int, pct: Decimal) -> int:

@@ -9,14 +9,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from billing import rating
 from broker.core.schemas import Input
 
 ClassCode = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)?$")]
 Fen = Annotated[int, Field(ge=0, le=10**15)]
 Month = Annotated[str, StringConstraints(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$")]
 Text200 = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-# billing's calendar (contract periods, price lists): years 2000 to 2199
-Day = Annotated[date, Field(ge=date(2000, 1, 1), le=date(2199, 12, 31))]
+# billing's calendar (contract periods, price lists)
+Day = Annotated[date, Field(ge=rating.FIRST_DAY, le=rating.LAST_DAY)]
 
 
 class PriceItemIn(Input):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from decimal import Decimal
 from itertools import groupby
+from operator import ge, le
 from typing import Any
 
 from sqlalchemy import String, Uuid, case, column, delete, func, insert, or_, table
@@ -132,7 +133,7 @@ def compute_lines(
                     tenant,
                     first.resource_class,
                     0,
-                    sum(ln.seconds for _, ln in group),
+                    sum(billed.values()),
                     first.unit_price,
                     extra[1],
                 )
@@ -379,8 +380,7 @@ def generate(
         lines = compute_lines(mine, limits)
         statement = existing.get(contract.id)
         if statement is not None and statement.state == StatementState.final:
-            pct = Decimal(statement.discount_pct)
-            digest = content_hash(_header(contract, month, compute_totals(lines, pct), pct), lines)
+            digest = _fresh_hash(contract, statement, lines)
             if digest != statement.content_hash:
                 audit.record(
                     session,
@@ -560,7 +560,13 @@ def recompute_hash(session: Session, statement: Statement) -> str:
     contract = session.get(Contract, statement.contract_id)
     assert contract is not None
     usage = dict(_usage_stream(session, statement.month, [contract.id]))
-    lines = compute_lines(usage.get(contract.id, []), _limits(session))
+    return _fresh_hash(
+        contract, statement, compute_lines(usage.get(contract.id, []), _limits(session))
+    )
+
+
+def _fresh_hash(contract: Contract, statement: Statement, lines: Sequence[Line]) -> str:
+    """The hash `lines` give the statement, totalled at the statement's own discount."""
     pct = Decimal(statement.discount_pct)
     return content_hash(_header(contract, statement.month, compute_totals(lines, pct), pct), lines)
 
@@ -576,7 +582,7 @@ def propose_adjustment(
             "adjustments apply to finalized statements; a draft is corrected by regenerating it"
         )
     if data.kind == "credit":
-        left = adjusted_total(statement, adjustments_of(session, [statement.id]))
+        left = _still_billed(session, statement)
         if data.amount > left:
             raise Invalid.field(
                 "amount", f"a credit cannot exceed what the statement still bills ({left} fen)"
@@ -618,7 +624,7 @@ def decide_adjustment(
     if note.requested_by == principal.username:
         raise Forbidden("a credit or debit note needs a second person: you proposed this one")
     if approve and note.kind == "credit":
-        left = adjusted_total(statement, adjustments_of(session, [statement.id]))
+        left = _still_billed(session, statement)
         if note.amount > left:
             raise Conflict(f"approving it would credit more than the statement bills ({left} fen)")
     note.state = (AdjustmentState.approved if approve else AdjustmentState.rejected).value
@@ -650,6 +656,11 @@ def adjustments_of(session: Session, statement_ids: Sequence[uuid.UUID]) -> list
             .order_by(col(Adjustment.requested_at), col(Adjustment.id))
         ).scalars()
     )
+
+
+def _still_billed(session: Session, statement: Statement) -> int:
+    """What the statement bills after its approved notes: the most a new credit may take off."""
+    return adjusted_total(statement, adjustments_of(session, [statement.id]))
 
 
 def adjusted_total(statement: Statement, notes: Iterable[Adjustment]) -> int:
@@ -779,43 +790,40 @@ def spend(
     totals with their approved credit and debit notes (as the burn-down counts them)."""
     require_center(session, principal, READ)
     bounds = []
-    for name, bound, op in (("month_from", month_from, "ge"), ("month_to", month_to, "le")):
+    for name, bound, op in (("month_from", month_from, ge), ("month_to", month_to, le)):
         if bound is not None:
             try:
                 rating.parse_month(bound)
             except ValueError as exc:
                 raise Invalid.field(name, str(exc)) from exc
-            bounds.append(
-                col(Statement.month) >= bound if op == "ge" else col(Statement.month) <= bound
-            )
+            bounds.append(op(col(Statement.month), bound))
+    signed = case(
+        (col(Adjustment.kind) == "debit", col(Adjustment.amount)), else_=-col(Adjustment.amount)
+    )
+    # one net amount per statement, so joining it keeps one row per statement for the count
+    notes = (
+        sa_select(col(Adjustment.statement_id), func.sum(signed).label("amount"))
+        .where(col(Adjustment.state) == AdjustmentState.approved.value)
+        .group_by(col(Adjustment.statement_id))
+        .subquery()
+    )
     keys = (col(Statement.agency_id), col(Statement.service_company_id), col(Statement.month))
     rows = session.execute(
-        sa_select(*keys, func.count(), func.sum(Statement.total_amount))
+        sa_select(*keys, func.count(), func.sum(Statement.total_amount), func.sum(notes.c.amount))
+        .outerjoin(notes, notes.c.statement_id == col(Statement.id))
         .where(*bounds)
         .group_by(*keys)
         .order_by(col(Statement.month), col(Statement.agency_id))
     ).all()
-    signed = case(
-        (col(Adjustment.kind) == "debit", col(Adjustment.amount)), else_=-col(Adjustment.amount)
-    )
-    notes = {
-        (a, c, m): int(t or 0)
-        for a, c, m, t in session.execute(
-            sa_select(*keys, func.sum(signed))
-            .join(Adjustment, col(Adjustment.statement_id) == col(Statement.id))
-            .where(col(Adjustment.state) == AdjustmentState.approved.value, *bounds)
-            .group_by(*keys)
-        ).all()
-    }
     return [
         {
             "agency_id": a,
             "service_company_id": c,
             "month": m,
             "statements": int(n),
-            "total_amount": int(t or 0) + notes.get((a, c, m), 0),
+            "total_amount": int(t or 0) + int(d or 0),
         }
-        for a, c, m, n, t in rows
+        for a, c, m, n, t, d in rows
     ]
 
 

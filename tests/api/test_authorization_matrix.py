@@ -60,8 +60,8 @@ from quotas import requests as quota_requests
 from quotas import service as quota_service
 from tests.api.answers import table_rows
 from tests.fixtures.auth import ESTATE_USERS, PASSWORD
+from tests.fixtures.billing import BILLING_TABLES, local, make_world
 from tests.fixtures.billing import SYSTEM as BILLING_SYSTEM
-from tests.fixtures.billing import local, make_world
 from tests.fixtures.inventory import SimCloud
 from tests.fixtures.provisioning import ADMIN
 
@@ -1571,18 +1571,6 @@ BILLING = rows(
     *[(u, "GET", "/api/v1/billing/unassigned?month=2026-10", None, 403) for u in AGENCY_ROLES],
 )
 # fmt: on
-
-BILLING_TABLES = [
-    "price_catalog",
-    "price_item",
-    "contract",
-    "usage_interval",
-    "rated_usage",
-    "statement",
-    "statement_line",
-    "adjustment",
-    "budget_alert",
-]
 
 
 @pytest.mark.parametrize("case", BILLING)

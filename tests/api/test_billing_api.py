@@ -34,20 +34,10 @@ from openpyxl import load_workbook
 
 from billing.models import Contract, LifecycleKind
 from tests.api.answers import PROBLEM, ok, problem, table_rows
-from tests.fixtures.billing import BillingWorld, local, make_world
+from tests.fixtures.billing import BILLING_TABLES, BillingWorld, local, make_world
 
-BILLING_TABLES = [
-    "price_catalog",
-    "price_item",
-    "contract",
-    "usage_interval",
-    "rated_usage",
-    "statement",
-    "statement_line",
-    "adjustment",
-    "budget_alert",
-    "audit_event",
-]
+# bad input must not even leave an audit event behind
+WATCHED_TABLES = [*BILLING_TABLES, "audit_event"]
 PRICES = [
     {"resource_class": "vcpu", "unit_price": "10"},
     {"resource_class": "memory_mb", "unit_price": "5"},
@@ -432,10 +422,15 @@ def test_contract_numbers_with_quotes_or_breaks_give_a_well_formed_file_name(oct
 def refused(
     db: Any, client: Any, method: str, path: str, status: int, field: str | None, **kwargs: Any
 ) -> dict[str, Any]:
-    before = table_rows(db, BILLING_TABLES)
+    before = table_rows(db, WATCHED_TABLES)
     body = problem(client.request(method, path, **kwargs), status, field)
-    assert table_rows(db, BILLING_TABLES) == before, f"{method} {path} was refused but wrote"
+    assert table_rows(db, WATCHED_TABLES) == before, f"{method} {path} was refused but wrote"
     return body
+
+
+def one_item(**item: Any) -> dict[str, Any]:
+    """Catalog changes: a single item, vCPU at 10 fen unless `item` says otherwise."""
+    return {"items": [{"resource_class": "vcpu", "unit_price": "10"} | item]}
 
 
 # (json changes to the catalog body, status, field)
@@ -444,7 +439,7 @@ BAD_CATALOGS = [
     pytest.param({"effective_from": "2026-09-15"}, 409, "effective_from", id="earlier"),
     pytest.param({"effective_from": "2026-13-01"}, 422, "effective_from", id="no such day"),
     pytest.param(
-        {"items": [{"resource_class": "gpu", "unit_price": "1"}]},
+        one_item(resource_class="gpu", unit_price="1"),
         422,
         "items.0.resource_class",
         id="unknown class",
@@ -455,35 +450,18 @@ BAD_CATALOGS = [
         "items",
         id="class priced twice",
     ),
+    pytest.param(one_item(unit_price="-1"), 422, "items.0.unit_price", id="negative price"),
     pytest.param(
-        {"items": [{"resource_class": "vcpu", "unit_price": "-1"}]},
-        422,
-        "items.0.unit_price",
-        id="negative price",
-    ),
-    pytest.param(
-        {"items": [{"resource_class": "vcpu", "unit_price": "0.0000001"}]},
+        one_item(unit_price="0.0000001"),
         422,
         "items.0.unit_price",
         id="price below a millionth of a fen",
     ),
     pytest.param(
-        {"items": [{"resource_class": "vcpu", "unit_price": "10", "monthly_cap_amount": -5}]},
-        422,
-        "items.0.monthly_cap_amount",
-        id="negative cap",
+        one_item(monthly_cap_amount=-5), 422, "items.0.monthly_cap_amount", id="negative cap"
     ),
     pytest.param(
-        {
-            "items": [
-                {
-                    "resource_class": "vcpu",
-                    "unit_price": "10",
-                    "monthly_cap_amount": 100,
-                    "monthly_min_amount": 200,
-                }
-            ]
-        },
+        one_item(monthly_cap_amount=100, monthly_min_amount=200),
         422,
         "items.0.monthly_min_amount",
         id="minimum above cap",
@@ -818,9 +796,9 @@ def test_random_bodies_never_get_a_server_error(
         contract=october.contract_a["id"],
         statement=finalized["id"],
     )
-    before = table_rows(db, BILLING_TABLES)
+    before = table_rows(db, WATCHED_TABLES)
     resp = clients["admin"].request(method, url, json=body)
     assert resp.status_code < 500, f"{method} {url} {body!r}: {resp.status_code} {resp.text}"
     if resp.status_code >= 400:
         assert resp.headers["content-type"].startswith(PROBLEM), resp.headers
-        assert table_rows(db, BILLING_TABLES) == before, f"{method} {url} {body!r}: wrote"
+        assert table_rows(db, WATCHED_TABLES) == before, f"{method} {url} {body!r}: wrote"

@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func
-from sqlalchemy import select as sa_select
 from sqlmodel import col
 from sqlmodel import select as sql_select
 
@@ -35,7 +34,6 @@ from billing.models import (
     Contract,
     LifecycleEvent,
     LifecycleKind,
-    RatedUsage,
     Statement,
     UsageInterval,
 )
@@ -273,22 +271,6 @@ def progress(db: Database) -> tuple[int, int, int, int]:
     return int(metered), int(total), done, len(intervals)
 
 
-def rated_sums(db: Database) -> dict[tuple[str, str, str, bool], int]:
-    with db.unit_of_work(write=False) as s:
-        keys = (
-            col(Server.name),
-            col(RatedUsage.resource_class),
-            col(RatedUsage.month),
-            col(RatedUsage.in_contract),
-        )
-        rows = s.execute(
-            sa_select(*keys, func.sum(RatedUsage.seconds))
-            .join(Server, col(Server.id) == col(RatedUsage.server_id))
-            .group_by(*keys)
-        ).all()
-    return {(n, c, m, bool(i)): int(secs) for n, c, m, i, secs in rows}
-
-
 def statement_totals(w: BillingWorld) -> dict[tuple[str, str], Any]:
     """Every statement of September and October by contract number (totals and lines), and
     October's unassigned usage."""
@@ -351,9 +333,9 @@ def test_metering_killed_at_random_points_bills_what_one_uninterrupted_run_bills
             assert interrupted, observed
             assert final == ref_progress, (final, ref_progress)
 
-            expected = rated_sums(ref_db)
+            expected = ref.rated()
             assert len(expected) > 1000
-            assert rated_sums(db) == expected
+            assert world.rated() == expected
 
             clock.move_to(local(2026, 11, 2, 9))
             ref_statements = statement_totals(ref)

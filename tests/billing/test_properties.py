@@ -111,18 +111,13 @@ def test_cutting_an_interval_anywhere_rates_the_same_as_whole(
     pieces: list[rating.Cut] = []
     for a, b in zip([start, *points], [*points, end], strict=True):
         pieces.extend(rating.cut(a, b, **kw))
+    # so the statement line, rounded once on the summed seconds, is the same too
     assert rated(whole) == rated(pieces)
-    # so the statement line, rounded once on the summed seconds, is the same
     unit = {p.item_id: p.unit_price for p in prices}
     lines_whole = {
         k: rating.line_amount(unit[k.item], quantity, s, resource_class)
         for k, s in rated(whole).items()
     }
-    lines_pieces = {
-        k: rating.line_amount(unit[k.item], quantity, s, resource_class)
-        for k, s in rated(pieces).items()
-    }
-    assert lines_whole == lines_pieces
     # rounding each piece instead would be off by at most half a fen per piece: why the rule
     # rounds the line, not the piece
     for key, amount in lines_whole.items():

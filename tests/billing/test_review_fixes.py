@@ -5,6 +5,7 @@ dates outside billing's calendar, and billing writers racing on PostgreSQL."""
 from __future__ import annotations
 
 import threading
+import uuid
 from datetime import date, timedelta
 from decimal import Decimal
 
@@ -27,8 +28,7 @@ def test_an_event_older_than_a_metered_delete_does_not_bring_the_server_back(
 ):
     w = billing_world
     clock.move_to(local(2026, 11, 2, 9))
-    w.catalog(date(2026, 10, 1), {"vcpu": "10"})
-    c = w.contract("HT-LATE", starts_on=date(2026, 10, 1), ends_on=date(2026, 12, 31))
+    c = w.vcpu_contract("HT-LATE")
     w.server("s")
     w.event("s", LifecycleKind.created, local(2026, 10, 5, 8), {"vcpu": 2}, contract=c)
     w.event("s", LifecycleKind.deleted, local(2026, 10, 6, 8, 20), {}, contract=c)
@@ -42,8 +42,7 @@ def test_an_event_older_than_a_metered_delete_does_not_bring_the_server_back(
 def test_events_of_one_instant_apply_seen_then_owned(billing_world: BillingWorld, clock):
     w = billing_world
     clock.move_to(local(2026, 11, 2, 9))
-    w.catalog(date(2026, 10, 1), {"vcpu": "10"})
-    c = w.contract("HT-SAME", starts_on=date(2026, 10, 1), ends_on=date(2026, 12, 31))
+    c = w.vcpu_contract("HT-SAME")
     at = local(2026, 10, 5, 8)
     for i in range(8):
         w.server(f"s{i}", tenant=None)
@@ -90,8 +89,7 @@ def test_a_server_outliving_its_contract_is_billed_to_the_agencys_renewal(
 def test_a_contract_end_cannot_move_behind_rated_time(billing_world: BillingWorld, clock):
     w = billing_world
     clock.move_to(local(2026, 11, 16, 9))
-    w.catalog(date(2026, 10, 1), {"vcpu": "10"})
-    c = w.contract("HT-END", starts_on=date(2026, 10, 1), ends_on=date(2026, 12, 31))
+    c = w.vcpu_contract("HT-END")
     w.server("s")
     w.event("s", LifecycleKind.created, local(2026, 10, 5), {"vcpu": 1}, contract=c)
     w.meter(local(2026, 11, 16, 9))
@@ -110,8 +108,7 @@ def test_times_between_whole_seconds_lose_nothing_when_rated_hour_by_hour(
 ):
     w = billing_world
     clock.move_to(local(2026, 11, 2, 9))
-    w.catalog(date(2026, 10, 1), {"vcpu": "10"})
-    c = w.contract("HT-SUB", starts_on=date(2026, 10, 1), ends_on=date(2026, 12, 31))
+    c = w.vcpu_contract("HT-SUB")
     w.server("s")
     start = local(2026, 10, 5, 8) + timedelta(microseconds=300_000)
     w.event("s", LifecycleKind.created, start, {"vcpu": 1}, contract=c)
@@ -132,15 +129,11 @@ def test_times_between_whole_seconds_lose_nothing_when_rated_hour_by_hour(
 def test_a_finalized_hash_survives_a_rename_and_a_new_discount(billing_world: BillingWorld, clock):
     w = billing_world
     clock.move_to(local(2026, 11, 2, 9))
-    w.catalog(date(2026, 10, 1), {"vcpu": "10"})
-    c = w.contract(
-        "HT-HASH", starts_on=date(2026, 10, 1), ends_on=date(2026, 12, 31), discount_pct="5"
-    )
+    c = w.vcpu_contract("HT-HASH", discount_pct="5")
     w.server("s")
     w.event("s", LifecycleKind.created, local(2026, 10, 5, 8), {"vcpu": 1}, contract=c)
     (st,) = w.generate("2026-10")
-    with w.db.unit_of_work() as s:
-        digest = statements.finalize(s, SYSTEM, st.id).content_hash
+    digest = w.finalize(st).content_hash
     with w.db.unit_of_work() as s:
         s.get(Server, w.servers["s"]).name = "s-renamed-by-sync"
         contracts.update_contract(s, SYSTEM, c.id, ContractUpdate(discount_pct=Decimal(10)))
@@ -154,7 +147,7 @@ def test_a_finalized_hash_survives_a_rename_and_a_new_discount(billing_world: Bi
 
 def test_bandwidth_stops_billing_while_the_server_is_off():
     window = rating.PriceWindow(
-        item_id=rating.uuid.uuid4(),
+        item_id=uuid.uuid4(),
         unit_price=Decimal(1),
         start=local(2026, 10, 1),
         end=None,
@@ -171,14 +164,12 @@ def test_bandwidth_stops_billing_while_the_server_is_off():
 def test_a_credit_cannot_exceed_what_the_statement_bills(billing_world: BillingWorld, clock):
     w = billing_world
     clock.move_to(local(2026, 11, 2, 9))
-    w.catalog(date(2026, 10, 1), {"vcpu": "10"})
-    c = w.contract("HT-CREDIT", starts_on=date(2026, 10, 1), ends_on=date(2026, 12, 31))
+    c = w.vcpu_contract("HT-CREDIT")
     w.server("s")
     w.event("s", LifecycleKind.created, local(2026, 10, 5, 8), {"vcpu": 1}, contract=c)
     w.event("s", LifecycleKind.deleted, local(2026, 10, 5, 18), {}, contract=c)
     (st,) = w.generate("2026-10")
-    with w.db.unit_of_work() as s:
-        statements.finalize(s, SYSTEM, st.id)
+    w.finalize(st)
     with pytest.raises(Invalid) as refused, w.db.unit_of_work() as s:
         statements.propose_adjustment(
             s, SYSTEM, st.id, AdjustmentCreate(kind="credit", amount=101, reason="too much back")
@@ -191,8 +182,8 @@ def test_contract_dates_stay_inside_billings_calendar(field):
     body = {
         "number": "HT-FAR",
         "title": "far",
-        "agency_id": rating.uuid.uuid4(),
-        "service_company_id": rating.uuid.uuid4(),
+        "agency_id": uuid.uuid4(),
+        "service_company_id": uuid.uuid4(),
         "signed_on": date(2026, 1, 1),
         "starts_on": date(2026, 1, 1),
         "ends_on": date(2026, 12, 31),
@@ -209,8 +200,7 @@ def test_two_generates_at_once_both_answer_and_make_one_statement(committed_db):
     with committed_db.unit_of_work() as s:
         estate = build_estate(s)
     w = make_world(committed_db, estate)
-    w.catalog(date(2026, 10, 1), {"vcpu": "10"})
-    c = w.contract("HT-RACE", starts_on=date(2026, 10, 1), ends_on=date(2026, 12, 31))
+    c = w.vcpu_contract("HT-RACE")
     for i in range(30):
         w.server(f"s{i}")
         w.event(f"s{i}", LifecycleKind.created, local(2026, 10, 5, i % 24), {"vcpu": 1}, contract=c)

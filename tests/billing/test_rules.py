@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from datetime import date
+from datetime import date, datetime
 from functools import partial
 from typing import Any
 
@@ -70,16 +70,21 @@ def fields(err: GovbrokerError) -> list[str]:
     return [e.field for e in err.errors]
 
 
-def new_catalog(effective_from: date, vcpu: str = "10") -> PriceCatalogCreate:
-    return PriceCatalogCreate(
+def adding_catalog(w: BillingWorld, effective_from: date) -> Callable[[Session], PriceCatalog]:
+    """A call for `refused`: a price list of `w`'s company, vCPU at 10 fen, from that day."""
+    data = PriceCatalogCreate(
         name=f"价目表 {effective_from}",
         effective_from=effective_from,
-        items=[PriceItemIn(resource_class="vcpu", unit_price=vcpu)],
+        items=[PriceItemIn(resource_class="vcpu", unit_price="10")],
     )
+    return lambda s: prices.create_catalog(s, SYSTEM, w.company_id, data)
 
 
-def add_catalog(s: Session, *, w: BillingWorld, start: date) -> PriceCatalog:
-    return prices.create_catalog(s, SYSTEM, w.company_id, new_catalog(start))
+def effective_until(w: BillingWorld, catalog: PriceCatalog) -> datetime | None:
+    with w.db.unit_of_work() as s:
+        kept = s.get(PriceCatalog, catalog.id)
+        assert kept is not None
+        return kept.effective_until
 
 
 @pytest.fixture
@@ -88,13 +93,7 @@ def october(billing_world: BillingWorld, clock) -> tuple[BillingWorld, Contract]
     fen), under a contract for October to December with a budget of 9000 fen."""
     w = billing_world
     clock.move_to(local(2026, 11, 2, 9))
-    w.catalog(date(2026, 10, 1), {"vcpu": "10"})
-    c = w.contract(
-        f"HT-R-{uuid.uuid4().hex[:6]}",
-        starts_on=date(2026, 10, 1),
-        ends_on=date(2026, 12, 31),
-        budget_amount=9000,
-    )
+    c = w.vcpu_contract(f"HT-R-{uuid.uuid4().hex[:6]}", budget_amount=9000)
     w.server("vm-1")
     w.event("vm-1", LifecycleKind.created, local(2026, 10, 1), {"vcpu": 1}, contract=c)
     w.event("vm-1", LifecycleKind.deleted, local(2026, 11, 10), {}, contract=c)
@@ -109,25 +108,17 @@ def test_catalog_versions_may_not_overlap(billing_world: BillingWorld, clock):
     clock.move_to(local(2026, 9, 20))
     first = w.catalog(date(2026, 10, 1), {"vcpu": "10"})
     for start in (date(2026, 10, 1), date(2026, 9, 15)):  # the same start, an earlier start
-        err = refused(w, Conflict, partial(add_catalog, w=w, start=start))
+        err = refused(w, Conflict, adding_catalog(w, start))
         assert fields(err) == ["effective_from"]
         assert err.errors[0].code == "overlap"
-    with w.db.unit_of_work() as s:
-        kept = s.get(PriceCatalog, first.id)
-        assert kept is not None and kept.effective_until is None
+    assert effective_until(w, first) is None
     # a later start is accepted and closes the version before it on that day
     second = w.catalog(date(2026, 10, 15), {"vcpu": "12"})
     assert second.version == 2
     # and now a start between the two overlaps the closed first version too
-    err = refused(
-        w,
-        Conflict,
-        lambda s: prices.create_catalog(s, SYSTEM, w.company_id, new_catalog(date(2026, 10, 10))),
-    )
+    err = refused(w, Conflict, adding_catalog(w, date(2026, 10, 10)))
     assert fields(err) == ["effective_from"]
-    with w.db.unit_of_work() as s:
-        kept = s.get(PriceCatalog, first.id)
-        assert kept is not None and kept.effective_until == local(2026, 10, 15)
+    assert effective_until(w, first) == local(2026, 10, 15)
 
 
 def test_a_price_change_may_not_start_inside_time_already_rated(billing_world: BillingWorld, clock):
@@ -138,16 +129,10 @@ def test_a_price_change_may_not_start_inside_time_already_rated(billing_world: B
     w.server("vm-1")
     w.event("vm-1", LifecycleKind.created, local(2026, 10, 1), {"vcpu": 1}, contract=c)
     w.meter(local(2026, 10, 20, 9))  # rated up to 20 Oct 09:00
-    err = refused(
-        w,
-        Conflict,
-        lambda s: prices.create_catalog(s, SYSTEM, w.company_id, new_catalog(date(2026, 10, 15))),
-    )
+    err = refused(w, Conflict, adding_catalog(w, date(2026, 10, 15)))
     assert fields(err) == ["effective_from"]
     assert err.errors[0].code == "already_rated"
-    with w.db.unit_of_work() as s:
-        kept = s.get(PriceCatalog, first.id)
-        assert kept is not None and kept.effective_until is None
+    assert effective_until(w, first) is None
     # from the next day on, nothing has been rated yet
     assert w.catalog(date(2026, 10, 21), {"vcpu": "12"}).version == 2
 
@@ -162,11 +147,7 @@ def test_a_first_price_list_may_not_start_inside_time_metered_without_one(
     w.server("vm-1")
     w.event("vm-1", LifecycleKind.created, local(2026, 10, 1), {"vcpu": 1}, tenant=None)
     w.meter(local(2026, 10, 5, 9))
-    err = refused(
-        w,
-        Conflict,
-        lambda s: prices.create_catalog(s, SYSTEM, w.company_id, new_catalog(date(2026, 10, 1))),
-    )
+    err = refused(w, Conflict, adding_catalog(w, date(2026, 10, 1)))
     assert fields(err) == ["effective_from"]
     w.catalog(date(2026, 10, 6), {"vcpu": "10"})
 
@@ -219,8 +200,7 @@ def test_finalizing_twice_or_before_the_month_is_over_is_a_conflict(october, clo
     assert w.statement(c, "2026-11").state == "draft"
 
     (st,) = w.generate("2026-10")
-    with w.db.unit_of_work() as s:
-        final = statements.finalize(s, SYSTEM, st.id)
+    final = w.finalize(st)
     err = refused(w, Conflict, lambda s: statements.finalize(s, SYSTEM, st.id))
     assert "already finalized" in err.detail
     again = w.statement(c, "2026-10")
@@ -246,8 +226,7 @@ def test_a_note_needs_a_second_person_and_credits_change_only_the_adjusted_total
     finance = principal_of("finance")
     second = Principal.system("second-approver")
     (st,) = w.generate("2026-10")
-    with w.db.unit_of_work() as s:
-        final = statements.finalize(s, finance, st.id)
+    final = w.finalize(st, finance)
     assert final.total_amount == 7440  # vCPU 1 × 10 × 744 h
     with w.db.unit_of_work() as s:
         credit = statements.propose_adjustment(
@@ -289,8 +268,7 @@ def test_a_note_needs_a_second_person_and_credits_change_only_the_adjusted_total
 def test_finalize_then_regenerate_keeps_the_content_hash(october):
     w, c = october
     (st,) = w.generate("2026-10")
-    with w.db.unit_of_work() as s:
-        final = statements.finalize(s, SYSTEM, st.id)
+    final = w.finalize(st)
     lines = w.line_table(final)
     assert final.content_hash and len(final.content_hash) == 64
     with w.db.unit_of_work() as s:
@@ -316,8 +294,7 @@ def test_finalize_then_regenerate_keeps_the_content_hash(october):
 def test_a_finalized_statement_never_changes_when_late_usage_arrives(october, clock):
     w, c = october
     (st,) = w.generate("2026-10")
-    with w.db.unit_of_work() as s:
-        final = statements.finalize(s, SYSTEM, st.id)
+    final = w.finalize(st)
     lines = w.line_table(final)
     # sync finds, after finalization, a server of the agency that ran since 20 Oct 00:00
     clock.move_to(local(2026, 11, 5, 9))
@@ -394,8 +371,7 @@ def test_an_event_written_after_its_hour_was_rated_never_rates_that_time_twice(
     stopped, so the day is not paid twice."""
     w = billing_world
     clock.move_to(local(2026, 10, 3, 9))
-    w.catalog(date(2026, 10, 1), {"vcpu": "10"})
-    c = w.contract("HT-R-LATE", starts_on=date(2026, 10, 1), ends_on=date(2026, 12, 31))
+    c = w.vcpu_contract("HT-R-LATE")
     w.server("vm-1")
     w.event("vm-1", LifecycleKind.created, local(2026, 10, 1), {"vcpu": 1}, contract=c)
     w.meter(local(2026, 10, 2))
