@@ -139,17 +139,19 @@ class Path:
 # time than executing them.
 _TENANT = Tenant.__table__  # type: ignore[attr-defined]
 _PARENT = _TENANT.alias("parent")
+# the tenant's and its parent's (id, code, kind, status): what `_path_of` reads
+_PATH_COLUMNS = (
+    _TENANT.c.id,
+    _TENANT.c.code,
+    _TENANT.c.kind,
+    _TENANT.c.status,
+    _PARENT.c.id,
+    _PARENT.c.code,
+    _PARENT.c.kind,
+    _PARENT.c.status,
+)
 _PATH_STMT = (
-    sa_select(
-        _TENANT.c.id,
-        _TENANT.c.code,
-        _TENANT.c.kind,
-        _TENANT.c.status,
-        _PARENT.c.id,
-        _PARENT.c.code,
-        _PARENT.c.kind,
-        _PARENT.c.status,
-    )
+    sa_select(*_PATH_COLUMNS)
     .select_from(_TENANT.outerjoin(_PARENT, _PARENT.c.id == _TENANT.c.parent_id))
     .where(_TENANT.c.id == bindparam("tid"))
 )
@@ -709,16 +711,7 @@ _JOINED = _RESERVATION.outerjoin(_ALLOCATION, _ALLOCATION.c.reservation_id == _R
 # what a settlement reads before taking its locks (what never changes: tenant, classes), with
 # the tenant's path, in one statement; by id or by ref
 _PRE_READ = sa_select(
-    _TENANT.c.id,
-    _TENANT.c.code,
-    _TENANT.c.kind,
-    _TENANT.c.status,
-    _PARENT.c.id,
-    _PARENT.c.code,
-    _PARENT.c.kind,
-    _PARENT.c.status,
-    _RESERVATION.c.id.label("rid"),
-    _ALLOCATION.c.resource_class,
+    *_PATH_COLUMNS, _RESERVATION.c.id.label("rid"), _ALLOCATION.c.resource_class
 ).select_from(
     _JOINED.join(_TENANT, _TENANT.c.id == _RESERVATION.c.tenant_id).outerjoin(
         _PARENT, _PARENT.c.id == _TENANT.c.parent_id

@@ -388,12 +388,6 @@ def offer(session: Session, agency_id: uuid.UUID) -> Offer:
     return fresh
 
 
-def forget_offers() -> None:
-    """Empty the offer cache (done after every commit that wrote the catalog, a provider or a
-    policy in this process)."""
-    _offers.forget()
-
-
 def offered_on(session: Session, agency_id: uuid.UUID, provider_id: uuid.UUID) -> list[CatalogItem]:
     """The items of one provider offered to `agency_id`."""
     items, _ = offered_catalog(session, agency_id, provider_ids=[provider_id])

@@ -15,6 +15,7 @@ ends up holding (a root disk larger than predicted is booked, forced, since it e
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 import uuid
@@ -230,12 +231,13 @@ def _call(driver: drv.Driver, job: Job, resumed: bool) -> drv.Server | None:
 _JOB = Job.__table__  # type: ignore[attr-defined]
 _SERVER = Server.__table__  # type: ignore[attr-defined]
 _TENANT = Tenant.__table__  # type: ignore[attr-defined]
-_LOCK_JOB = (
+# a job with its tenant's path (for its audit event), the job's row locked
+_JOB_AND_TENANT = (
     sa_select(_JOB, _TENANT.c.path.label("tenant_path"))
     .join(_TENANT, _TENANT.c.id == _JOB.c.tenant_id)
-    .where(_JOB.c.id == bindparam("jid"))
     .with_for_update(of=_JOB)
 )
+_LOCK_JOB = _JOB_AND_TENANT.where(_JOB.c.id == bindparam("jid"))
 _BEAT = (
     update(_JOB)
     .where(
@@ -249,12 +251,10 @@ _JOB_FIELDS = tuple(c.key for c in _JOB.columns)
 _SERVER_FIELDS = tuple(c.key for c in _SERVER.columns)
 # a new server's row, unless one for (provider, external id) is there already
 _INSERT_NEW_SERVER = {
-    "postgresql": pg_insert(_SERVER)
+    dialect: insert(_SERVER)
     .on_conflict_do_nothing(index_elements=["provider_id", "external_id"])
-    .returning(_SERVER.c.id),
-    "sqlite": sqlite_insert(_SERVER)
-    .on_conflict_do_nothing(index_elements=["provider_id", "external_id"])
-    .returning(_SERVER.c.id),
+    .returning(_SERVER.c.id)
+    for dialect, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
 }
 _SERVER_BY_EXTERNAL_ID = (
     sa_select(_SERVER.c.id, _SERVER.c.booked)
@@ -286,12 +286,8 @@ def _ours(row: Any, claim: uuid.UUID) -> tuple[Job, _TenantRef] | None:
     return job, _TenantRef(job.tenant_id, row.tenant_path)
 
 
-_LOCK_JOBS = (
-    sa_select(_JOB, _TENANT.c.path.label("tenant_path"))
-    .join(_TENANT, _TENANT.c.id == _JOB.c.tenant_id)
-    .where(_JOB.c.id.in_(bindparam("jids", expanding=True)))
-    .order_by(_JOB.c.id)
-    .with_for_update(of=_JOB)
+_LOCK_JOBS = _JOB_AND_TENANT.where(_JOB.c.id.in_(bindparam("jids", expanding=True))).order_by(
+    _JOB.c.id
 )
 
 
@@ -303,21 +299,35 @@ _LOCK_SERVERS = (
     .with_for_update()
 )
 
-_SAVES: dict[tuple[str, ...], Any] = {}
+
+@functools.cache
+def _save_stmt(fields: tuple[str, ...]) -> Any:
+    return (
+        update(_JOB)
+        .where(_JOB.c.id == bindparam("jid"))
+        .values({k: bindparam(f"v_{k}") for k in fields})
+    )
 
 
 def _save(session: Session, job: Job, *fields: str) -> None:
     """Write `fields` of a job read by `_locked_job` (its row is locked)."""
-    stmt = _SAVES.get(fields)
-    if stmt is None:
-        stmt = _SAVES.setdefault(
-            fields,
-            update(_JOB)
-            .where(_JOB.c.id == bindparam("jid"))
-            .values({k: bindparam(f"v_{k}") for k in fields}),
-        )
     params = {f"v_{k}": getattr(job, k) for k in fields}
-    session.connection().execute(stmt, {"jid": job.id, **params})
+    session.connection().execute(_save_stmt(fields), {"jid": job.id, **params})
+
+
+def _audit(
+    session: Session, job: Job, tenant: audit.TenantLike | None, outcome: str, after: dict[str, Any]
+) -> None:
+    """The audit event of a job's end (`job.<kind>.<outcome>`, or `job.<outcome>`)."""
+    audit.record(
+        session,
+        Principal.system(ACTOR),
+        f"job.{outcome}",
+        tenant=tenant,
+        target_type="job",
+        target_id=job.id,
+        after=after,
+    )
 
 
 def _beat(session: Session, c: Claimed) -> bool:
@@ -568,14 +578,12 @@ def _finish_in(
         }
     _append_log(job, state=job.state, **({"note": note} if note else {}))
     _save(session, job, "state", "finished_at", "error", "error_type", "result", "log", "server_id")
-    audit.record(
+    _audit(
         session,
-        Principal.system(ACTOR),
-        f"job.{job.kind}.succeeded",
-        tenant=tenant,
-        target_type="job",
-        target_id=job.id,
-        after={
+        job,
+        tenant,
+        f"{job.kind}.succeeded",
+        {
             "server_id": str(job.server_id),
             "booked": job.result.get("booked") if job.result else None,
         },
@@ -648,14 +656,12 @@ def _fail(db: SessionSource, c: Claimed, error: str, error_type: str) -> bool:
         job.error_type = error_type
         _append_log(job, state=job.state, error=job.error[:500])
         _save(session, job, "state", "finished_at", "error", "error_type", "log")
-        audit.record(
+        _audit(
             session,
-            Principal.system(ACTOR),
-            f"job.{job.kind}.failed",
-            tenant=tenant,
-            target_type="job",
-            target_id=job.id,
-            after={"error": job.error, "error_type": error_type},
+            job,
+            tenant,
+            f"{job.kind}.failed",
+            {"error": job.error, "error_type": error_type},
         )
     return True
 
@@ -974,15 +980,7 @@ def _expire(db: SessionSource, job_id: uuid.UUID) -> int:
         job.error = "nobody approved the request before its deadline"
         _append_log(job, state=job.state)
         session.add(job)
-        audit.record(
-            session,
-            Principal.system(ACTOR),
-            "job.expired",
-            tenant=session.get(Tenant, job.tenant_id),
-            target_type="job",
-            target_id=job.id,
-            after={"state": job.state},
-        )
+        _audit(session, job, session.get(Tenant, job.tenant_id), "expired", {"state": job.state})
     return 1
 
 

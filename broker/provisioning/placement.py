@@ -173,35 +173,21 @@ Needs = Mapping[uuid.UUID, tuple[Mapping[str, int], Mapping[str, int], frozenset
 # objects for every host and pool cost more than the choice itself).
 _HOST = InventoryHost.__table__  # type: ignore[attr-defined]
 _POOL = InventoryStorage.__table__  # type: ignore[attr-defined]
-_HOSTS = (
-    sa_select(
-        _HOST.c.id,
-        _HOST.c.provider_id,
-        _HOST.c.external_id,
-        _HOST.c.name,
-        _HOST.c.state,
-        _HOST.c.capacity,
-        _HOST.c.allocated,
-        _HOST.c.overcommit,
+
+
+def _locked_rooms(table: Any, *columns: str) -> Any:
+    """The providers' (`ids`) hosts or pools still there, locked in id order."""
+    c = table.c
+    return (
+        sa_select(c.id, c.provider_id, c.external_id, c.name, *(c[k] for k in columns))
+        .where(c.provider_id.in_(bindparam("ids", expanding=True)), c.gone_at.is_(None))
+        .order_by(c.id)
+        .with_for_update()
     )
-    .where(_HOST.c.provider_id.in_(bindparam("ids", expanding=True)), _HOST.c.gone_at.is_(None))
-    .order_by(_HOST.c.id)
-    .with_for_update()
-)
-_POOLS = (
-    sa_select(
-        _POOL.c.id,
-        _POOL.c.provider_id,
-        _POOL.c.external_id,
-        _POOL.c.name,
-        _POOL.c.tier,
-        _POOL.c.capacity_gb,
-        _POOL.c.free_gb,
-    )
-    .where(_POOL.c.provider_id.in_(bindparam("ids", expanding=True)), _POOL.c.gone_at.is_(None))
-    .order_by(_POOL.c.id)
-    .with_for_update()
-)
+
+
+_HOSTS = _locked_rooms(_HOST, "state", "capacity", "allocated", "overcommit")
+_POOLS = _locked_rooms(_POOL, "tier", "capacity_gb", "free_gb")
 _BOOK_HOST = update(_HOST).where(_HOST.c.id == bindparam("hid")).values(allocated=bindparam("a"))
 _BOOK_POOL = update(_POOL).where(_POOL.c.id == bindparam("pid")).values(free_gb=bindparam("f"))
 _PG_BOOK = text(

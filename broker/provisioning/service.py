@@ -208,7 +208,7 @@ def _resolve_on(
 def _candidates(
     data: ServerCreate, policy: AgencyPolicy | None, offer: catalog.Offer
 ) -> dict[uuid.UUID, Resolved]:
-    offered, provs = offer.items, dict(offer.providers)
+    offered, provs = offer.items, offer.providers
     if data.provider is not None:
         wanted = [p for p in provs.values() if data.provider in (p.name, str(p.id))]
         if not wanted:
@@ -431,6 +431,7 @@ def _hold(
 _JOB = Job.__table__  # type: ignore[attr-defined]
 _KEY = IdempotencyKey.__table__  # type: ignore[attr-defined]
 _INSERT_JOB = insert(_JOB)
+_INSERT_KEY = insert(_KEY)
 _JOB_COLUMNS = tuple(c.key for c in _JOB.columns)
 _KEY_COLUMNS = tuple(c.key for c in _KEY.columns)
 # PostgreSQL: the job and its idempotency key in one round trip (the key's foreign key is
@@ -446,15 +447,13 @@ _PG_INSERT_JOB_AND_KEY = (
 )
 
 
-def _insert_job(session: Session, job: Job, key: Mapping[str, Any] | None = None) -> None:
+def _insert_job(session: Session, job: Job, key: Mapping[str, Any] | None) -> None:
     """Write a new job (and the idempotency key that answers for it) with Core; the job object
     stays out of the session (nothing else in the unit of work changes it, and a worker takes
     it over once committed)."""
     conn = session.connection()
     values = {k: getattr(job, k) for k in _JOB_COLUMNS}
-    if key is None:
-        conn.execute(_INSERT_JOB, values)
-    elif conn.dialect.name == "postgresql":
+    if key is not None and conn.dialect.name == "postgresql":
         conn.execute(
             _PG_INSERT_JOB_AND_KEY,
             {
@@ -462,21 +461,16 @@ def _insert_job(session: Session, job: Job, key: Mapping[str, Any] | None = None
                 **{f"k_{k}": key[k] for k in _KEY_COLUMNS},
             },
         )
-    else:
-        conn.execute(_INSERT_JOB, values)
+        return
+    conn.execute(_INSERT_JOB, values)
+    if key is not None:
         conn.execute(_INSERT_KEY, dict(key))
 
 
-def create_job(session: Session, principal: Principal, data: ServerCreate) -> Job:
-    """Validate, place and reserve a new server; the job that will build it, queued (or waiting
-    for an agency admin's approval, with the quota held meanwhile). The job is written, but not
-    kept in the session."""
-    job = _create(session, principal, data)[0]
-    _insert_job(session, job)
-    return job
-
-
 def _create(session: Session, principal: Principal, data: ServerCreate) -> tuple[Job, Provider]:
+    """Validate, place and reserve a new server; the job that will build it, queued (or waiting
+    for an agency admin's approval, with the quota held meanwhile), and its provider. The job is
+    for the caller to write (`_insert_job`)."""
     if (data.flavor is None) == (data.vcpu is None or data.memory_mb is None):
         if data.flavor is not None:
             raise Invalid.field("flavor", "give a flavor or vcpu and memory_mb, not both", "both")
@@ -528,7 +522,6 @@ def _create(session: Session, principal: Principal, data: ServerCreate) -> tuple
     contract = bound[_company_of(r.provider, policy)]
     approval = _needs_approval(policy, r.vcpu, r.memory_mb)
     server_id = uuid.uuid4()
-    request = data.model_dump(mode="json")
     job = _new_job(
         job_id=job_id,
         kind=JobKind.create,
@@ -540,7 +533,7 @@ def _create(session: Session, principal: Principal, data: ServerCreate) -> tuple
         principal=principal,
         params={
             "name": data.name,
-            "request": request,
+            "request": data.model_dump(mode="json"),
             "image": r.image.external_id,
             "flavor": r.flavor.external_id if r.flavor else None,
             "vcpu": r.vcpu,
@@ -563,7 +556,7 @@ def _create(session: Session, principal: Principal, data: ServerCreate) -> tuple
     if approval:
         assert policy is not None
         ttl = _approval_window(job, policy)
-    if not approval:
+    else:
         executor.start(job)  # the worker this process hands it to needs no claim of its own
     # the reservation before the job row, which is then written once, with it (by the caller)
     if held is not None:
@@ -612,7 +605,6 @@ _KEY_ROW = sa_select(
     _KEY.c.id, _KEY.c.request_hash, _KEY.c.job_id, _KEY.c.response, _KEY.c.expires_at
 ).where(_KEY.c.principal == bindparam("principal"), _KEY.c.key == bindparam("key"))
 _DELETE_KEY = sa_delete(_KEY).where(_KEY.c.id == bindparam("kid"))
-_INSERT_KEY = insert(_KEY)
 
 
 def _key_row(session: Session, principal: Principal, key: str) -> _KeyRow | None:
@@ -635,7 +627,7 @@ def _replay(row: _KeyRow, digest: str) -> Submitted:
 def request_server(
     db: SessionSource, principal: Principal, data: ServerCreate, *, key: str | None
 ) -> Submitted:
-    """One unit of work around `create_job`, with the Idempotency-Key: the same key and body
+    """One unit of work around `_create`, with the Idempotency-Key: the same key and body
     get the first answer again, whoever wins a race between identical requests."""
     if key is not None and (not key.strip() or len(key) > 255 or "\x00" in key):
         raise Invalid.field(IDEMPOTENCY_FIELD, "must be 1 to 255 characters", "invalid")
