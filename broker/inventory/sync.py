@@ -644,17 +644,20 @@ def _lock_servers(conn: Any, read: Mapping[uuid.UUID, Any]) -> set[uuid.UUID]:
     return moved
 
 
+# a new server's row, unless one for (provider, external id) is there already (a job's or sync's)
+INSERT_NEW_SERVER = {
+    dialect: insert_for(_SERVERS)
+    .on_conflict_do_nothing(index_elements=["provider_id", "external_id"])
+    .returning(_SERVERS.c.id)
+    for dialect, insert_for in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
+}
+
+
 def _insert_servers(conn: Any, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
     """Insert new server rows, leaving any a job wrote meanwhile; the ids inserted."""
     if not rows:
         return set()
-    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    stmt = (
-        dialect_insert(_SERVERS)
-        .on_conflict_do_nothing(index_elements=["provider_id", "external_id"])
-        .returning(_SERVERS.c.id)
-    )
-    return set(conn.execute(stmt, rows).scalars())
+    return set(conn.execute(INSERT_NEW_SERVER[conn.dialect.name], rows).scalars())
 
 
 def _upsert_simple(

@@ -28,8 +28,6 @@ from typing import Any, Protocol
 import structlog
 from sqlalchemy import bindparam, update
 from sqlalchemy import select as sa_select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from billing import events
@@ -43,7 +41,7 @@ from broker.core.settings import get_settings
 from broker.inventory import providers
 from broker.inventory import sync as inventory_sync
 from broker.inventory.models import Provider, Server
-from broker.inventory.sync import owner_ref, server_values, size_of
+from broker.inventory.sync import INSERT_NEW_SERVER, owner_ref, server_values, size_of
 from broker.provisioning.models import ACTIVE_STATES, Job, JobKind, JobState
 from broker.tenancy.models import Tenant
 from drivers import base as drv
@@ -249,13 +247,6 @@ _BEAT = (
 )
 _JOB_FIELDS = tuple(c.key for c in _JOB.columns)
 _SERVER_FIELDS = tuple(c.key for c in _SERVER.columns)
-# a new server's row, unless one for (provider, external id) is there already
-_INSERT_NEW_SERVER = {
-    dialect: insert(_SERVER)
-    .on_conflict_do_nothing(index_elements=["provider_id", "external_id"])
-    .returning(_SERVER.c.id)
-    for dialect, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
-}
 _SERVER_BY_EXTERNAL_ID = (
     sa_select(_SERVER.c.id, _SERVER.c.booked)
     .where(_SERVER.c.provider_id == bindparam("pid"), _SERVER.c.external_id == bindparam("ext"))
@@ -447,7 +438,7 @@ def _finish_create(
         id=job.server_id, provider_id=job.provider_id, external_id=observed.external_id, **owned
     )
     conn = session.connection()
-    insert_new = _INSERT_NEW_SERVER[conn.dialect.name]
+    insert_new = INSERT_NEW_SERVER[conn.dialect.name]
     if conn.execute(insert_new, {k: getattr(server, k) for k in _SERVER_FIELDS}).first() is None:
         # a row is there already: sync listed the server while the job ran, or someone adopted it
         if deferred is not None:
